@@ -1,0 +1,186 @@
+"""Data spec strings, the data configuration and the one error type (SPEC section 8).
+
+`--data` takes one of
+
+* `synthetic`                 the offline language with a known generator (`synthetic.py`),
+* `text:PATH_OR_GLOB`         local UTF-8 files, built into a TFDS dataset (`text_builder.py`),
+* `tfds:NAME[/CONFIG]`        a TFDS text dataset already prepared on this machine.
+
+`parse_data_spec` is the one place these strings are parsed. Every problem with the user's
+input raises `DataError` with one line that names the problem and what is accepted, so a
+launcher can print `str(e)` and exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+from typing import Literal
+
+DataKind = Literal["synthetic", "text", "tfds"]
+DATA_KINDS: tuple[str, ...] = ("synthetic", "text", "tfds")
+TOKENIZER_TYPES: tuple[str, ...] = ("bpe", "unigram")
+SPEC_FORMS = "synthetic, text:PATH_OR_GLOB, tfds:NAME[/CONFIG]"
+DEFAULT_CACHE_DIR = "~/.cache/stabjax"
+
+
+class DataError(ValueError):
+  """A problem with the data the user asked for; `str(e)` is one line saying what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """A parsed `--data` value.
+
+  Attributes:
+    kind: 'synthetic', 'text' or 'tfds'.
+    path: the path or glob of a `text:` spec (else None).
+    name: the TFDS dataset name of a `tfds:` spec, possibly with ':VERSION' (else None).
+    config: the TFDS builder config of a `tfds:` spec, if one was given.
+  """
+
+  kind: str
+  path: str | None = None
+  name: str | None = None
+  config: str | None = None
+
+  @property
+  def tfds_id(self) -> str:
+    """The string `tfds.builder` takes: NAME or NAME/CONFIG."""
+    if self.kind != "tfds":
+      raise DataError(f"data spec {self} is not a tfds: spec")
+    return self.name if self.config is None else f"{self.name}/{self.config}"
+
+  def __str__(self) -> str:
+    if self.kind == "synthetic":
+      return "synthetic"
+    if self.kind == "text":
+      return f"text:{self.path}"
+    return f"tfds:{self.tfds_id}"
+
+
+def parse_data_spec(s: str) -> DataSpec:
+  """Parses 'synthetic' | 'text:PATH_OR_GLOB' | 'tfds:NAME[/CONFIG]' (SPEC section 8)."""
+  if not isinstance(s, str) or not s.strip():
+    raise DataError(f"empty data spec; accepted: {SPEC_FORMS}")
+  s = s.strip()
+  kind, sep, rest = s.partition(":")
+  if kind == "synthetic":
+    if sep:
+      raise DataError(f"data spec {s!r}: 'synthetic' takes no argument (its options are "
+                      f"DataConfig.synthetic_*); accepted: {SPEC_FORMS}")
+    return DataSpec(kind="synthetic")
+  if kind == "text":
+    if not rest.strip():
+      raise DataError(f"data spec {s!r} names no file; accepted: text:PATH_OR_GLOB, "
+                      f"e.g. text:corpus.txt or 'text:books/*.txt'")
+    return DataSpec(kind="text", path=rest.strip())
+  if kind == "tfds":
+    parts = rest.strip().split("/")
+    if not rest.strip() or len(parts) > 2 or not all(p.strip() for p in parts):
+      raise DataError(f"data spec {s!r} is not tfds:NAME or tfds:NAME/CONFIG, "
+                      f"e.g. tfds:lm1b or tfds:c4/en")
+    name = parts[0].strip()
+    config = parts[1].strip() if len(parts) == 2 else None
+    return DataSpec(kind="tfds", name=name, config=config)
+  raise DataError(f"unknown data spec kind {kind!r} in {s!r}; accepted: {SPEC_FORMS}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Everything that defines the data a run trains and evaluates on.
+
+  Attributes:
+    spec: the `--data` string (see `parse_data_spec`).
+    seq_len: tokens per row, BOS and EOS included (>= 2; >= 3 for synthetic data, which
+      needs room for BOS, one word and EOS). The synthetic generator's length cap.
+    vocab_size: SentencePiece vocabulary size (text/tfds). Byte fallback needs at least
+      256 byte pieces + 6 special pieces + the corpus's characters.
+    tokenizer_type: SentencePiece model type, 'bpe' or 'unigram'.
+    cache_dir: where built datasets, tokenizers and tables are cached.
+    text_feature: the TFDS feature that holds the text (tfds:).
+    tfds_data_dir: TFDS data_dir for tfds: specs (None: TFDS's default).
+    validation_fraction: share of documents hashed into the validation split (text:; and
+      tfds: datasets that have neither a 'validation' nor a 'test' split).
+    max_documents: read at most this many documents of each split (tfds: only; None: all).
+      Large corpora (c4) need it: the packed splits are held as arrays.
+    synthetic_vocab_size: synthetic token vocabulary, the 4 reserved ids included.
+    synthetic_n: training sequences, a finite draw from the generator.
+    synthetic_n_validation: validation sequences, a fresh draw from the generator.
+    synthetic_zipf: Zipf exponent s of the word unigram, p(rank r) ~ r^-s.
+    synthetic_eos_prob: probability of ending after each word (below the length cap).
+    synthetic_concentration: Dirichlet concentration of the transition rows (smaller:
+      peakier transitions, lower entropy, more repeated sequences).
+    synthetic_seed: seed of the language and of its draws; None uses the `seed` given
+      to `load_dataset`. The default keeps one fixed dataset across run seeds.
+  """
+
+  spec: str = "synthetic"
+  seq_len: int = 128
+  vocab_size: int = 2048
+  tokenizer_type: str = "bpe"
+  cache_dir: str = DEFAULT_CACHE_DIR
+  text_feature: str = "text"
+  tfds_data_dir: str | None = None
+  validation_fraction: float = 0.1
+  max_documents: int | None = None
+  synthetic_vocab_size: int = 64
+  synthetic_n: int = 2048
+  synthetic_n_validation: int = 256
+  synthetic_zipf: float = 1.1
+  synthetic_eos_prob: float = 0.15
+  synthetic_concentration: float = 2.0
+  synthetic_seed: int | None = 0
+
+  def __post_init__(self):
+    parsed = parse_data_spec(self.spec)
+    _check_int("seq_len", self.seq_len, 2, "an integer >= 2")
+    if parsed.kind == "synthetic":
+      _check_int("seq_len", self.seq_len, 3,
+                 "an integer >= 3 for synthetic data (BOS, one word, EOS)")
+    _check_int("vocab_size", self.vocab_size, 8, "an integer >= 8")
+    if self.tokenizer_type not in TOKENIZER_TYPES:
+      raise DataError(f"tokenizer_type={self.tokenizer_type!r} is not accepted; accepted: "
+                      f"{', '.join(TOKENIZER_TYPES)}")
+    if not self.cache_dir:
+      raise DataError("cache_dir is empty; accepted: a directory path, e.g. ~/.cache/stabjax")
+    if not self.text_feature:
+      raise DataError("text_feature is empty; accepted: a TFDS feature name, e.g. 'text'")
+    if not 0.0 < self.validation_fraction < 1.0:
+      raise DataError(f"validation_fraction={self.validation_fraction} is not accepted; "
+                      f"accepted: a number in (0, 1)")
+    if self.max_documents is not None:
+      _check_int("max_documents", self.max_documents, 1, "an integer >= 1 or None")
+    _check_int("synthetic_vocab_size", self.synthetic_vocab_size, 5,
+               "an integer >= 5 (4 reserved ids and at least one word)")
+    _check_int("synthetic_n", self.synthetic_n, 1, "an integer >= 1")
+    _check_int("synthetic_n_validation", self.synthetic_n_validation, 1, "an integer >= 1")
+    if not self.synthetic_zipf >= 0.0:
+      raise DataError(f"synthetic_zipf={self.synthetic_zipf} is not accepted; accepted: a "
+                      f"number >= 0")
+    if not 0.0 < self.synthetic_eos_prob <= 1.0:
+      raise DataError(f"synthetic_eos_prob={self.synthetic_eos_prob} is not accepted; "
+                      f"accepted: a number in (0, 1]")
+    if not self.synthetic_concentration > 0.0:
+      raise DataError(f"synthetic_concentration={self.synthetic_concentration} is not "
+                      f"accepted; accepted: a number > 0")
+    if self.synthetic_seed is not None:
+      _check_int("synthetic_seed", self.synthetic_seed, 0, "an integer >= 0 or None")
+
+  @property
+  def data_spec(self) -> DataSpec:
+    return parse_data_spec(self.spec)
+
+  @property
+  def cache_path(self) -> str:
+    """`cache_dir` with '~' and environment variables expanded, absolute."""
+    return os.path.abspath(os.path.expandvars(os.path.expanduser(self.cache_dir)))
+
+  def replace(self, **kw) -> "DataConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def _check_int(name: str, value, minimum: int, accepted: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    raise DataError(f"{name}={value!r} is not accepted; accepted: {accepted}")
