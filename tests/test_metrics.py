@@ -1,0 +1,466 @@
+"""Degeneration metrics (SPEC section 9) against hand / NumPy computations."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+
+import chex
+import numpy as np
+import pytest
+
+from stabjax import metrics as M
+
+# ---------------------------------------------------------------- words and frequencies
+
+
+def test_words_lowercase_letter_apostrophe_runs():
+  text = "Don't STOP-me now,\n3 times! 'Tis caf\u00e9 o'er"
+  assert M.words(text) == ["don't", "stop", "me", "now", "times", "'tis", "caf", "o'er"]
+  assert M.words("") == []
+  assert M.words("-- 42 --") == []
+
+
+def test_top_k_words_ties_alphabetical_and_short_counter():
+  c = collections.Counter({"b": 2, "a": 2, "c": 3, "d": 1, "e": 2})
+  assert M.top_k_words(c, 3) == ["c", "a", "b"]
+  assert M.top_k_words(c, 4) == ["c", "a", "b", "e"]
+  # Insertion order does not matter.
+  c2 = collections.Counter(dict(reversed(list(c.items()))))
+  assert M.top_k_words(c2, 3) == ["c", "a", "b"]
+  assert M.top_k_words(c, 10) == ["c", "a", "b", "e", "d"]
+  assert M.top_k_words(c, 0) == []
+
+
+def test_high_freq_proportion():
+  gen = ["the", "cat", "the", "a", "dog", "of"]
+  assert M.high_freq_proportion(gen, ["the", "of", "a"]) == pytest.approx(4 / 6)
+  assert M.high_freq_proportion(["the"] * 7, {"the"}) == 1.0
+  assert M.high_freq_proportion(["zebra"], ["the"]) == 0.0
+  assert math.isnan(M.high_freq_proportion([], ["the"]))
+
+
+def test_unigram_entropy_hand_and_edges():
+  h = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+  assert M.unigram_entropy(["a", "a", "b", "c"]) == pytest.approx(h, abs=1e-12)
+  counts = collections.Counter({"a": 2, "b": 1, "c": 1})
+  assert M.unigram_entropy(counts) == pytest.approx(h, abs=1e-12)
+  assert M.unigram_entropy(["w"] * 9) == 0.0
+  assert math.isnan(M.unigram_entropy([]))
+
+
+def test_unigram_kl_add_one_over_union_vocab():
+  gen = collections.Counter({"a": 3, "b": 1})
+  train = collections.Counter({"a": 1, "c": 5})
+  # Union vocab {a, b, c}: gen +1 -> [4, 2, 1] / 7, train +1 -> [2, 1, 6] / 9.
+  p = np.array([4, 2, 1]) / 7
+  q = np.array([2, 1, 6]) / 9
+  want = float(np.sum(p * np.log(p / q)))
+  assert M.unigram_kl(gen, train) == pytest.approx(want, abs=1e-12)
+  from_words = M.unigram_kl(["a", "a", "a", "b"], ["a", "c", "c", "c", "c", "c"])
+  assert from_words == pytest.approx(want, abs=1e-12)
+  assert M.unigram_kl(train, train) == pytest.approx(0.0, abs=1e-15)
+  assert M.unigram_kl(gen, train) > 0
+  assert math.isnan(M.unigram_kl({}, train))
+
+
+# ---------------------------------------------------------------- Zipf
+
+
+def test_zipf_exact_power_law_recovers_exponent():
+  # count(r) = round(C / r^s): the fit recovers s up to the rounding (< 1e-3 here).
+  for s in (0.8, 1.0, 1.3):
+    counts = {f"w{r}": round(1e7 / r**s) for r in range(1, 201)}
+    assert M.zipf_coefficient(counts) == pytest.approx(s, abs=1e-3)
+
+
+def test_zipf_sampled_zipf_text_within_tolerance():
+  # 200k words drawn from p(r) ~ r^-1.1 over 1000 ranks, fit over the top 100 ranks (counts
+  # >= ~230). Over seeds 0-19 the estimate lay within 0.008 of 1.1; tolerance 0.02.
+  rng = np.random.default_rng(0)
+  r = np.arange(1, 1001)
+  p = r**-1.1 / np.sum(r**-1.1)
+  draws = rng.choice(r, size=200_000, p=p)
+  values, freq = np.unique(draws, return_counts=True)
+  counts = collections.Counter({f"w{k}": int(c) for k, c in zip(values, freq)})
+  assert M.zipf_coefficient(counts, top=100) == pytest.approx(1.1, abs=0.02)
+
+
+def test_zipf_ties_top_truncation_and_edges():
+  # Counts [8, 4, 4, 1]: ordinal ranks 1..4 whatever the tied words are called.
+  x, y = np.log([1, 2, 3, 4]), np.log([8, 4, 4, 1])
+  want = -np.polyfit(x, y, 1)[0]
+  a = M.zipf_coefficient(["p"] * 8 + ["q"] * 4 + ["r"] * 4 + ["s"])
+  b = M.zipf_coefficient(["p"] * 8 + ["z"] * 4 + ["a"] * 4 + ["s"])
+  assert a == pytest.approx(want, abs=1e-12) and b == a
+  # A tail far below the power law changes the fit only if it is inside `top`.
+  counts = {f"w{r}": 1000 // r for r in range(1, 11)} | {f"t{r}": 1 for r in range(50)}
+  head = [1000 // r for r in range(1, 11)]
+  want_head = -np.polyfit(np.log(np.arange(1, 11)), np.log(head), 1)[0]
+  assert M.zipf_coefficient(counts, top=10) == pytest.approx(want_head, abs=1e-12)
+  assert M.zipf_coefficient(counts, top=60) > M.zipf_coefficient(counts, top=10) + 0.3
+  assert math.isnan(M.zipf_coefficient(["w"] * 5))
+  assert math.isnan(M.zipf_coefficient([]))
+
+
+# ---------------------------------------------------------------- repetition and diversity
+
+
+def test_seq_rep_n_hand_values():
+  gens = [[1, 1, 1, 1], [1, 2, 3], [5, 6, 5, 6, 5]]
+  # n=1: 1-1/4, 0, 1-2/5.  n=2: 1-1/3, 0, 1-2/4.
+  assert M.seq_rep_n(gens, 1) == pytest.approx(np.mean([0.75, 0.0, 0.6]))
+  assert M.seq_rep_n(gens, 2) == pytest.approx(np.mean([2 / 3, 0.0, 0.5]))
+  # Generations with no n-gram are left out, not counted as 0.
+  assert M.seq_rep_n(gens + [[], [7]], 2) == M.seq_rep_n(gens, 2)
+  assert M.seq_rep_n([["a", "b", "a"]], 1) == pytest.approx(1 / 3)  # one generation
+  assert math.isnan(M.seq_rep_n([[], [1]], 2))
+  assert math.isnan(M.seq_rep_n([], 1))
+
+
+def test_distinct_n_pooled_hand_values():
+  gens = [["a", "b", "a"], ["a", "b"], []]
+  assert M.distinct_n(gens, 1) == pytest.approx(2 / 5)
+  # Bigrams: (a,b), (b,a), (a,b) -> 2 distinct / 3.
+  assert M.distinct_n(gens, 2) == pytest.approx(2 / 3)
+  assert M.distinct_n([["w"] * 10], 1) == pytest.approx(1 / 10)
+  assert math.isnan(M.distinct_n(gens, 4))
+  assert math.isnan(M.distinct_n([], 1))
+
+
+@pytest.mark.parametrize("seq, want", [
+    (list("xyzxyz"), (3, 2)),
+    (list("qqxyzxyzxyz"), (3, 3)),
+    (list("a") * 10, None),            # one-token run, 10 <= 50 copies
+    (list("a") * 51, (1, 51)),         # a very long run of a single token
+    (list("ab") * 30, None),           # two-token phrase, 30 <= 50 copies
+    (list("ab") * 51, (2, 51)),
+    (list("xaaxaa"), (3, 2)),          # Holtzman's script says no here (see docstring)
+    (list("xyzw"), None),
+    (list("abcabcd"), None),           # the loop must reach the end
+    ([], None),
+    (list("abcdabcd"), (4, 2)),
+])
+def test_trailing_loop_cases(seq, want):
+  assert M.trailing_loop(seq) == want
+
+
+def test_trailing_loop_phrase_limit_and_primitive():
+  seq = list(range(5)) * 2
+  assert M.trailing_loop(seq, max_phrase_len=4) is None
+  assert M.trailing_loop(seq, max_phrase_len=5) == (5, 2)
+  # "abab abab": the 4-gram is not primitive; "ab" (2 items) is too short for 4 copies.
+  assert M.trailing_loop(list("abababab")) is None
+  assert M.trailing_loop(list("abababab"), min_phrase_len=2) == (2, 4)
+
+
+def test_repetition_share():
+  gens = [list("xyzxyz"), list("hello"), list("a") * 60, []]
+  assert M.repetition_share(gens) == pytest.approx(2 / 4)
+  assert M.repetition_share([list("hello")]) == 0.0
+  assert math.isnan(M.repetition_share([]))
+
+
+# ---------------------------------------------------------------- generation process
+
+
+def _np_entropy(logits):
+  z = logits.astype(np.float64)
+  z = z - z.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  p = np.exp(logp)
+  return -np.sum(np.where(p > 0, p * np.where(p > 0, logp, 0), 0), -1)
+
+
+def test_predictive_entropy_matches_numpy_and_is_stable():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(3, 4, 11)).astype(np.float32) * 3
+  got = np.asarray(M.predictive_entropy(logits))
+  chex.assert_shape(got, (3, 4))
+  np.testing.assert_allclose(got, _np_entropy(logits), atol=1e-5)
+  # Shifted by 1e4 (a naive exp overflows): compared on the same float32 input.
+  big = logits + np.float32(1e4)
+  np.testing.assert_allclose(np.asarray(M.predictive_entropy(big)), _np_entropy(big), atol=1e-4)
+  uniform = float(M.predictive_entropy(np.zeros(7, np.float32)))
+  assert uniform == pytest.approx(math.log(7), abs=1e-6)
+  # Top-k style -inf logits contribute 0: the entropy of the 3 kept tokens.
+  truncated = np.array([0.0, 0.0, 0.0, -np.inf, -np.inf], np.float32)
+  assert float(M.predictive_entropy(truncated)) == pytest.approx(math.log(3), abs=1e-6)
+
+
+def test_generative_entropy_mask_and_lengths():
+  ent = np.array([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0], [9.0, 9.0, 9.0]])
+  lengths = np.array([2, 1, 0])
+  mask = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+  assert M.generative_entropy(ent, lengths=lengths) == pytest.approx(2.0)  # (1+2+3)/3
+  assert M.generative_entropy(ent, mask=mask) == pytest.approx(2.0)
+  assert M.generative_entropy(ent, mask=np.ones_like(ent)) == pytest.approx(ent.mean())
+  assert math.isnan(M.generative_entropy(ent, lengths=np.zeros(3)))
+  with pytest.raises(ValueError):
+    M.generative_entropy(ent)
+
+
+def test_effective_rank_rank_one_and_orthogonal():
+  rng = np.random.default_rng(2)
+  u, v = rng.normal(size=(20, 1)), rng.normal(size=(1, 6))
+  assert M.effective_rank(u @ v) == pytest.approx(1.0, abs=1e-6)
+  # Columns orthonormal, all singular values equal -> d.
+  q, _ = np.linalg.qr(rng.normal(size=(20, 6)))
+  assert M.effective_rank(3.0 * q) == pytest.approx(6.0, abs=1e-9)
+  assert M.effective_rank(np.eye(4)) == pytest.approx(4.0, abs=1e-12)
+  # Hand value for singular values (4, 2, 1, 1): U diag(s) V^T with random orthogonal U, V.
+  s = np.array([4.0, 2.0, 1.0, 1.0])
+  p = s / s.sum()
+  want = math.exp(-np.sum(p * np.log(p)))
+  vt, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+  assert M.effective_rank(q[:, :4] @ np.diag(s) @ vt.T) == pytest.approx(want, abs=1e-9)
+  assert M.effective_rank(np.zeros((5, 3))) == 0.0
+
+
+def test_effective_rank_centering_and_mask():
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(30, 5))
+  a -= a.mean(0)
+  shifted = a + 10.0 * rng.normal(size=(1, 5))
+  assert M.effective_rank(shifted, center=True) == pytest.approx(M.effective_rank(a), abs=1e-9)
+  # Without centring the shared mean direction dominates.
+  assert M.effective_rank(shifted) < M.effective_rank(a) - 0.5
+  # States that all collapse onto one vector: rank 1 uncentred, zero matrix centred.
+  same = np.tile(rng.normal(size=(1, 5)), (8, 1))
+  assert M.effective_rank(same) == pytest.approx(1.0, abs=1e-9)
+  # Centring leaves only rounding noise (~1e-17), which must not be read as rank.
+  assert M.effective_rank(same, center=True) == 0.0
+  assert M.effective_rank(same + 1e-3 * rng.normal(size=same.shape), center=True) > 2.0
+  # [n, T, d] with a mask equals the selected rows stacked.
+  h = rng.normal(size=(2, 4, 5))
+  mask = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)
+  assert M.effective_rank(h, mask=mask) == pytest.approx(M.effective_rank(h[mask]), abs=1e-12)
+  assert math.isnan(M.effective_rank(h, mask=np.zeros((2, 4), bool)))
+
+
+def test_length_stats_eos_prompt_and_histogram():
+  eos = 2
+  tokens = np.array([
+      [5, 5, 7, 2, 0, 0],   # EOS at 3: 1 generated token after a 2-token prompt
+      [5, 2, 7, 7, 7, 7],   # EOS inside the prompt is ignored; no EOS after: 4
+      [5, 5, 2, 0, 0, 0],   # first generated token is EOS: 0
+      [5, 5, 7, 7, 7, 2],   # 3
+  ])
+  lengths, has_eos = M.generation_lengths(tokens, eos, start=2)
+  np.testing.assert_array_equal(lengths, [1, 4, 0, 3])
+  np.testing.assert_array_equal(has_eos, [True, False, True, True])
+  st = M.length_stats(tokens, eos, start=2, num_bins=4)
+  assert st["mean"] == pytest.approx(2.0)
+  assert st["std"] == pytest.approx(np.std([1, 4, 0, 3]))
+  assert st["no_eos_share"] == pytest.approx(0.25)
+  assert st["max_len"] == 4
+  assert st["bin_edges"] == [0.0, 1.0, 2.0, 3.0, 4.0]
+  assert st["histogram"] == [1, 1, 0, 2]  # [0,1) [1,2) [2,3) [3,4]
+  # Per-row prompt lengths.
+  lengths, _ = M.generation_lengths(tokens, eos, start=[1, 2, 0, 5])
+  np.testing.assert_array_equal(lengths, [2, 4, 2, 0])
+
+
+def test_length_stats_no_eos_and_empty():
+  st = M.length_stats(np.full((3, 5), 7), eos_id=2, num_bins=5)
+  assert st["mean"] == 5.0 and st["std"] == 0.0 and st["no_eos_share"] == 1.0
+  assert st["histogram"] == [0, 0, 0, 0, 3]  # the last bin is closed
+  st = M.length_stats(np.zeros((0, 5), np.int32), eos_id=2, num_bins=5)
+  assert math.isnan(st["mean"]) and math.isnan(st["no_eos_share"])
+  assert st["histogram"] == [0] * 5
+
+
+def test_perplexity():
+  assert M.perplexity(2.0 * 10, 10) == pytest.approx(math.exp(2.0))
+  assert M.perplexity(0.0, 3) == 1.0
+  assert math.isnan(M.perplexity(5.0, 0))
+  assert M.perplexity(1e6, 1) == math.inf
+
+
+# ---------------------------------------------------------------- across runs
+
+
+def test_cross_seed_summary():
+  runs = [{"hf": 0.2, "zipf": 1.0, "name": "a", "hist": [1, 2], "only": 3.0, "flag": True},
+          {"hf": 0.4, "zipf": np.float32(1.5), "name": "b", "hist": [0, 1], "flag": False},
+          {"hf": 0.9, "zipf": 2.0, "name": "c", "hist": [], "flag": True}]
+  got = M.cross_seed_summary(runs)
+  assert set(got) == {"hf", "zipf"}
+  assert got["hf"] == pytest.approx((0.5, np.std([0.2, 0.4, 0.9], ddof=1)))
+  assert got["zipf"] == pytest.approx((1.5, 0.5))
+  assert M.cross_seed_summary(runs, ddof=0)["zipf"][1] == pytest.approx(np.std([1, 1.5, 2]))
+  one = M.cross_seed_summary(runs[:1])
+  assert one["hf"][0] == 0.2 and math.isnan(one["hf"][1])
+  assert math.isnan(M.cross_seed_summary([{"x": 1.0}, {"x": math.nan}])["x"][0])
+  assert M.cross_seed_summary([]) == {}
+
+
+def test_top_word_overlap_jaccard():
+  a = ["x"] * 3 + ["y"] * 2 + ["z"]
+  b = ["x"] * 5 + ["w"] * 4 + ["y"]
+  c = ["q"] * 2
+  # top-2: {x, y}, {x, w}, {q}: J = 1/3, 0, 0.
+  assert M.top_word_overlap([a, b, c], k=2) == pytest.approx(np.mean([1 / 3, 0, 0]))
+  assert M.top_word_overlap([a, a], k=2) == 1.0
+  assert M.top_word_overlap([[], []], k=2) == 1.0
+  assert math.isnan(M.top_word_overlap([a], k=2))
+  # Ties in the top-k are broken alphabetically, so equal counts give equal sets.
+  assert M.top_word_overlap([["b", "a", "c"], ["c", "a", "b"]], k=2) == 1.0
+
+
+def test_convergence_step():
+  steps = [0, 100, 200, 300, 400]
+  hf = [0.3, 0.6, 1.0, 0.99, 1.0]
+  assert M.convergence_step(steps, hf, 1.0, mode="above") == 200
+  assert M.convergence_step(steps, hf, 0.6, mode="above") == 100
+  loss = [5.0, math.nan, 3.0, 2.0, 1.0]
+  assert M.convergence_step(steps, loss, 2.0) == 300
+  assert M.convergence_step(steps, loss, 0.5) is None
+  assert M.convergence_step([], [], 0.5) is None
+  with pytest.raises(ValueError):
+    M.convergence_step(steps, hf, 1.0, mode="up")
+
+
+# ---------------------------------------------------------------- synthetic language
+
+
+def _toy_model(rng):
+  """A model over all sequences of 1-2 words from {4, 5, 6}, as BOS w.. EOS token rows."""
+  space = [s for L in (1, 2) for s in itertools.product((4, 5, 6), repeat=L)]
+  logits = rng.normal(size=len(space)) * 2
+  logp = logits - np.log(np.exp(logits).sum())
+  return space, logp
+
+
+def test_lemma_4_2_identity_on_constructed_example():
+  rng = np.random.default_rng(4)
+  space, logp = _toy_model(rng)
+  model = dict(zip(space, logp))
+  # n = 10 training sequences with repeats.
+  train = [(4,), (4,), (4, 5), (6,), (4,), (4, 5), (6, 6), (4,), (5, 4), (6,)]
+  uniq = list(dict.fromkeys(train))
+  counts = np.array([train.count(s) for s in uniq])
+  p_emp = counts / counts.sum()
+  model_logp = np.array([model[s] for s in uniq])
+  mean_nll = float(np.mean([-model[s] for s in train]))  # over the 10 with repeats
+  kl = M.forward_kl(p_emp, model_logp)
+  h = M.empirical_entropy(p_emp)
+  assert M.mle_loss(p_emp, model_logp) == pytest.approx(mean_nll, abs=1e-12)
+  assert abs(mean_nll - (kl + h)) < 1e-6
+  # Independent values: H from the counts, KL by its definition.
+  q = counts / 10
+  assert h == pytest.approx(-np.sum(q * np.log(q)), abs=1e-12)
+  want_kl = sum(pi * math.log(pi / math.exp(li)) for pi, li in zip(q, model_logp))
+  assert kl == pytest.approx(want_kl, abs=1e-12)
+  assert kl > 0
+  # The model equal to P_emp: KL 0, all mass on the support, loss = H(P_emp).
+  assert M.forward_kl(p_emp, np.log(p_emp)) == pytest.approx(0.0, abs=1e-12)
+  assert M.support_mass(np.log(p_emp)) == pytest.approx(1.0, abs=1e-12)
+  want_mass = sum(math.exp(model[s]) for s in uniq)
+  assert M.support_mass(model_logp) == pytest.approx(want_mass, abs=1e-12)
+  out = M.synthetic_metrics(p_emp, model_logp)
+  assert out["mle_loss"] == pytest.approx(out["forward_kl"] + out["empirical_entropy"], abs=1e-12)
+
+
+def test_forward_kl_edges():
+  p = np.array([0.5, 0.5, 0.0])
+  assert M.forward_kl(p, [-math.log(2), -math.inf, -math.inf]) == math.inf
+  # A zero-probability support entry contributes 0 even where the model gives 0.
+  assert M.forward_kl(p, [-math.log(2), -math.log(2), -math.inf]) == pytest.approx(0.0, abs=1e-15)
+  with pytest.raises(ValueError):
+    M.forward_kl([0.5, 0.2], [0.0, 0.0])
+
+
+def test_model_entropy_mc_estimate_and_stderr():
+  rng = np.random.default_rng(5)
+  space, logp = _toy_model(rng)
+  exact = -np.sum(np.exp(logp) * logp)
+  idx = rng.choice(len(space), size=4000, p=np.exp(logp))
+  mean, se = M.model_entropy_mc(logp[idx])
+  assert se == pytest.approx(np.std(-logp[idx], ddof=1) / math.sqrt(4000), rel=1e-12)
+  assert abs(mean - exact) < 4 * se  # a 4-sigma statistical tolerance, fixed seed
+  m1, s1 = M.model_entropy_mc([-2.0])
+  assert m1 == 2.0 and math.isnan(s1)
+
+
+def _np_sequence_logprob(logits, tokens, mask):
+  z = logits.astype(np.float64)
+  z = z - z.max(-1, keepdims=True)
+  logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  n, t = tokens.shape
+  out = np.zeros(n)
+  for i in range(n):
+    for j in range(1, t):
+      if mask[i, j]:
+        out[i] += logp[i, j - 1, tokens[i, j]]
+  return out
+
+
+def test_sequence_logprob_matches_numpy_and_is_stable():
+  rng = np.random.default_rng(6)
+  n, t, v = 3, 5, 9
+  logits = rng.normal(size=(n, t, v)).astype(np.float32)
+  tokens = rng.integers(0, v, size=(n, t))
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+  got = np.asarray(M.sequence_logprob(logits, tokens, mask))
+  chex.assert_shape(got, (n,))
+  want = _np_sequence_logprob(logits, tokens, mask)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert got[2] == 0.0  # BOS only: nothing scored
+  # Shifted by 1e4 (a naive exp overflows): compared on the same float32 input.
+  big = logits + np.float32(1e4)
+  np.testing.assert_allclose(np.asarray(M.sequence_logprob(big, tokens, mask)),
+                             _np_sequence_logprob(big, tokens, mask), atol=1e-4)
+  # Logits beyond the mask, and at the last position, do not matter.
+  changed = logits.copy()
+  changed[0, 2:] = 100.0
+  changed[:, -1] = -100.0
+  got_changed = np.asarray(M.sequence_logprob(changed, tokens, mask))
+  np.testing.assert_allclose(got_changed[0], want[0], atol=1e-5)
+  # A padding target the model rules out (-inf) stays out of the sum instead of giving nan.
+  ruled_out = logits.copy()
+  ruled_out[0, 2, tokens[0, 3]] = -np.inf
+  got_ruled = np.asarray(M.sequence_logprob(ruled_out, tokens, mask))
+  np.testing.assert_allclose(got_ruled[0], want[0], atol=1e-5)
+
+
+def test_sequence_logprob_sums_to_one_over_a_toy_space():
+  # A context-free model (same next-token distribution everywhere) over {w, EOS} with the
+  # length cap at 2 words: P(w EOS) + P(w w EOS) + P(EOS) over padded rows, the capped
+  # row scored without its EOS (the cap ends it), sums to 1.
+  bos, eos, w, pad = 0, 1, 2, 3
+  dist = np.log(np.array([1e-9, 0.3, 0.7, 1e-9]))
+  logits = np.tile(dist, (3, 3, 1)).astype(np.float32)
+  tokens = np.array([[bos, eos, pad], [bos, w, eos], [bos, w, w]])
+  mask = np.array([[1, 1, 0], [1, 1, 1], [1, 1, 1]])
+  lp = np.asarray(M.sequence_logprob(logits, tokens, mask))
+  np.testing.assert_allclose(np.exp(lp), [0.3, 0.7 * 0.3, 0.7 * 0.7], rtol=1e-5)
+  assert M.support_mass(lp) == pytest.approx(1.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------- run summary
+
+
+def test_summarize_text_metrics_matches_components():
+  train = collections.Counter(M.words("the cat sat on the mat the end of the day of days"))
+  gen_texts = ["The the the the.", "Cat on the mat, the end!", ""]
+  gen_tokens = [[9, 9, 9, 9], [1, 2, 3, 1, 2, 3], []]
+  ref = ["The dog of the day.", "A cat!"]
+  out = M.summarize_text_metrics(gen_texts, gen_tokens, train, ref, k=2, ngram_orders=(1, 2))
+  top = M.top_k_words(train, 2)
+  assert top == ["the", "of"]
+  gw = ["the"] * 4 + ["cat", "on", "the", "mat", "the", "end"]
+  assert out["hf_proportion"] == pytest.approx(6 / 10)
+  assert out["hf_proportion_reference"] == pytest.approx(3 / 7)  # the, of, the / 7 words
+  assert out["num_words"] == 10 and out["num_generations"] == 3 and out["num_words_reference"] == 7
+  assert out["unigram_entropy"] == pytest.approx(M.unigram_entropy(gw))
+  assert out["unigram_kl"] == pytest.approx(M.unigram_kl(collections.Counter(gw), train))
+  assert out["zipf"] == pytest.approx(M.zipf_coefficient(gw))
+  assert out["distinct_2"] == pytest.approx(M.distinct_n([gw[:4], gw[4:]], 2))
+  assert out["seq_rep_1"] == pytest.approx(np.mean([0.75, 0.5]))
+  assert out["repetition_share"] == pytest.approx(1 / 3)
+  assert all(isinstance(v, float) for v in out.values())
+  no_tokens = M.summarize_text_metrics(gen_texts, None, train, None, k=2)
+  assert "seq_rep_1" not in no_tokens and "hf_proportion_reference" not in no_tokens
+  assert no_tokens["hf_proportion"] == out["hf_proportion"]
