@@ -125,3 +125,49 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
   if name not in MODEL_CONFIGS:
     raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_CONFIGS)}")
   return dataclasses.replace(MODEL_CONFIGS[name], **overrides)
+
+
+FEEDBACK_KINDS: tuple[str, ...] = ("entropy", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, feedback loop (SPEC 5) and bookkeeping of one run."""
+
+  steps: int = 300
+  batch_size: int = 16  # global batch
+  seq_len: int = 64
+  lr: float = 3e-3
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.95
+  alpha: float = 0.0  # feedback strength (eq. 61); also the PSU confidence factor
+  feedback: str = "entropy"  # one of FEEDBACK_KINDS
+  feedback_target: float = 0.0  # the setpoint x*
+  mlm_prob: float = 0.15  # BERT masking rate (80/10/10)
+  seed: int = 0
+  mesh: str = "data=1,fsdp=-1,tensor=1"
+  eval_every: int = 100
+  eval_batches: int = 4
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  log_every: int = 10
+
+  def __post_init__(self):
+    if self.alpha < 0:
+      raise ValueError(f"--alpha must be >= 0, got {self.alpha}")
+    if self.feedback not in FEEDBACK_KINDS:
+      raise ValueError(f"--feedback must be one of {', '.join(FEEDBACK_KINDS)}, got {self.feedback!r}")
+    for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every",
+                 "keep_checkpoints", "log_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    if self.seq_len < 2:
+      raise ValueError(f"--seq_len must be >= 2, got {self.seq_len}")
+    if self.lr <= 0:
+      raise ValueError(f"--lr must be > 0, got {self.lr}")
+    if not 0 < self.mlm_prob < 1:
+      raise ValueError(f"--mlm_prob must be in (0, 1), got {self.mlm_prob}")

@@ -1,0 +1,163 @@
+"""Flags shared by the launchers, and the flags -> RunConfig translation with its checks.
+
+Flags live only here and in the launchers; the library takes dataclasses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags
+
+from stabjax import configs, sharding
+from stabjax.configs import DMU_MODES, DTU_SCORES, FEEDBACK_KINDS, MODEL_CONFIGS
+
+FLAGS = flags.FLAGS
+DTYPES = ("float32", "bfloat16")
+PSU_VALUES = ("exact", "linear")
+
+
+def define_run_flags() -> None:
+  """Every knob of the SPEC as an absl flag (string flags for choices: validated in one place)."""
+  d = configs.TrainConfig()
+  dmu, dtu = configs.DMUConfig(), configs.DTUConfig()
+  flags.DEFINE_string("model", "gpt2_tiny", f"Model size: {', '.join(MODEL_CONFIGS)}.")
+  flags.DEFINE_float("alpha", d.alpha, "Feedback strength alpha >= 0 (eq. 61); 0 is plain MLE.")
+  flags.DEFINE_string("feedback", d.feedback, f"Feedback statistic: {', '.join(FEEDBACK_KINDS)}.")
+  flags.DEFINE_float("feedback_target", d.feedback_target, "Setpoint x* of the entropy feedback.")
+  flags.DEFINE_integer("seed", d.seed, "Seed of parameters, masks, PSU and data order.")
+  flags.DEFINE_string("data", "synthetic", "synthetic | text:PATH_OR_GLOB | tfds:NAME[/CONFIG].")
+  flags.DEFINE_integer("vocab_size", 2048, "SentencePiece vocabulary size (text/tfds data).")
+  flags.DEFINE_string("cache_dir", None, "Dataset/tokenizer cache (default ~/.cache/stabjax).")
+  flags.DEFINE_integer("steps", d.steps, "Training steps.")
+  flags.DEFINE_integer("batch_size", d.batch_size, "Global batch size (sequences).")
+  flags.DEFINE_integer("seq_len", d.seq_len, "Sequence length (tokens).")
+  flags.DEFINE_float("lr", d.lr, "Peak learning rate (AdamW, warmup then cosine decay).")
+  flags.DEFINE_integer("warmup_steps", d.warmup_steps, "Linear warmup steps.")
+  flags.DEFINE_float("min_lr_ratio", d.min_lr_ratio, "Final learning rate as a fraction of --lr.")
+  flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW weight decay.")
+  flags.DEFINE_float("clip_norm", d.clip_norm, "Global gradient-norm clip.")
+  flags.DEFINE_bool("dmu", True, "Use the Dynamic MLP Unit in every block.")
+  flags.DEFINE_float("c_tilde", dmu.c_tilde, "DMU retention c~ in (0, 1].")
+  flags.DEFINE_string("dmu_mode", dmu.mode, f"DMU mode: {', '.join(DMU_MODES)}.")
+  flags.DEFINE_bool("dmu_rescale", dmu.rescale, "Inverted DMU scaling (1/c~ in training).")
+  flags.DEFINE_bool("dtu", True, "Use the Dynamic Transformer Unit in every block.")
+  flags.DEFINE_integer("dtu_keep", dtu.keep, "DTU keys sampled per query (a3) >= 1.")
+  flags.DEFINE_string("dtu_scores", dtu.scores, f"DTU compatibility scores: {', '.join(DTU_SCORES)}.")
+  flags.DEFINE_bool("psu", True, "Use the PSU decision layer after AdamW.")
+  flags.DEFINE_string("psu_value", "exact", f"PSU batch value: {', '.join(PSU_VALUES)}.")
+  flags.DEFINE_string("mesh", d.mesh, "Device mesh, e.g. data=1,fsdp=-1,tensor=1.")
+  flags.DEFINE_string("dtype", "float32", f"Compute dtype: {', '.join(DTYPES)} (params stay float32).")
+  flags.DEFINE_bool("remat", False, "Rematerialise blocks in the backward pass (large models).")
+  flags.DEFINE_bool("scan_layers", False, "Stack blocks with nn.scan (large models).")
+  flags.DEFINE_integer("eval_every", d.eval_every, "Evaluate every N steps.")
+  flags.DEFINE_integer("eval_batches", d.eval_batches, "Validation batches per evaluation.")
+  flags.DEFINE_integer("checkpoint_every", d.checkpoint_every, "Checkpoint every N steps.")
+  flags.DEFINE_integer("keep_checkpoints", d.keep_checkpoints, "Checkpoints kept.")
+  flags.DEFINE_integer("log_every", d.log_every, "Log metrics every N steps.")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods).")
+  flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+
+
+def fail(message: str, code: int = 2):
+  """One line on stderr, a non-zero exit, no traceback."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _choice(name: str, value: str, accepted) -> str:
+  if value not in accepted:
+    fail(f"--{name}={value!r} is not accepted; accepted: {', '.join(accepted)}")
+  return value
+
+
+def build_config(F, **overrides):
+  """Flags -> RunConfig; any invalid value ends the program with one line."""
+  from stabjax.data import DataConfig
+  from stabjax.psu import PSUConfig
+  from stabjax.train import RunConfig
+
+  _choice("model", F.model, MODEL_CONFIGS)
+  _choice("dmu_mode", F.dmu_mode, DMU_MODES)
+  _choice("dtu_scores", F.dtu_scores, DTU_SCORES)
+  _choice("feedback", F.feedback, FEEDBACK_KINDS)
+  _choice("psu_value", F.psu_value, PSU_VALUES)
+  _choice("dtype", F.dtype, DTYPES)
+  if not 0.0 < F.c_tilde <= 1.0:
+    fail(f"--c_tilde={F.c_tilde} is not accepted; accepted: a number in (0, 1]")
+  if F.dtu_keep < 1:
+    fail(f"--dtu_keep={F.dtu_keep} is not accepted; accepted: an integer >= 1")
+  try:
+    model = configs.get_model_config(
+        F.model, dtype=F.dtype, remat=F.remat, scan_layers=F.scan_layers,
+        dmu=configs.DMUConfig(enabled=F.dmu, c_tilde=F.c_tilde, mode=F.dmu_mode,
+                              rescale=F.dmu_rescale),
+        dtu=configs.DTUConfig(enabled=F.dtu, keep=F.dtu_keep, scores=F.dtu_scores))
+    if F.seq_len > model.max_len:
+      fail(f"--seq_len={F.seq_len} exceeds {F.model}'s {model.max_len} positions; accepted: "
+           f"2..{model.max_len}")
+    train = configs.TrainConfig(
+        steps=F.steps, batch_size=F.batch_size, seq_len=F.seq_len, lr=F.lr,
+        warmup_steps=F.warmup_steps, min_lr_ratio=F.min_lr_ratio, weight_decay=F.weight_decay,
+        clip_norm=F.clip_norm, alpha=F.alpha, feedback=F.feedback,
+        feedback_target=F.feedback_target, seed=F.seed, mesh=F.mesh, eval_every=F.eval_every,
+        eval_batches=F.eval_batches, checkpoint_every=F.checkpoint_every,
+        keep_checkpoints=F.keep_checkpoints, log_every=F.log_every)
+    data_kw = dict(spec=F.data, seq_len=F.seq_len, vocab_size=F.vocab_size)
+    if F.cache_dir:
+      data_kw["cache_dir"] = F.cache_dir
+    data = DataConfig(**data_kw)
+    cfg = RunConfig(model=model, train=train, psu=PSUConfig(enabled=F.psu, value=F.psu_value),
+                    data=data)
+  except ValueError as e:
+    fail(str(e))
+  return cfg
+
+
+def check_mesh(cfg) -> None:
+  import jax
+  try:
+    shape = sharding.resolve_mesh_shape(sharding.parse_mesh(cfg.train.mesh), jax.device_count())
+  except ValueError as e:
+    fail(str(e))
+  dp = shape["data"] * shape["fsdp"]
+  if cfg.train.batch_size % dp:
+    fail(f"--batch_size={cfg.train.batch_size} is not divisible by the {dp} data-parallel "
+         f"devices of --mesh={cfg.train.mesh}; accepted: a multiple of {dp}")
+
+
+def prepare_run(F):
+  """Validate everything and load the data before anything is written to the workdir."""
+  from stabjax.data import DataError, load_dataset
+
+  cfg = build_config(F)
+  if F.distributed:
+    import jax
+    jax.distributed.initialize()
+  check_mesh(cfg)
+  try:
+    dataset = load_dataset(cfg.data, seed=cfg.train.seed)
+  except DataError as e:
+    fail(str(e))
+  import dataclasses
+  model = cfg.model.replace(vocab_size=dataset.tokenizer.vocab_size)
+  return dataclasses.replace(cfg, model=model), dataset
+
+
+def run_and_report(cfg, dataset, workdir: str) -> dict:
+  from stabjax.run import NonFiniteLossError, train_and_evaluate
+  try:
+    summary = train_and_evaluate(cfg, workdir, dataset, show_progress=FLAGS.progress)
+  except NonFiniteLossError as e:
+    fail(str(e), code=1)
+  workdir = os.path.abspath(workdir)
+  if summary["status"] == "preempted":
+    print(f"preempted at step {summary['step']}: checkpoint saved in {workdir}/checkpoints; "
+          f"run the same command again to resume")
+    return summary
+  print(json.dumps({k: v for k, v in summary["final"].items()
+                    if isinstance(v, (int, float))}, indent=1))
+  print(f"workdir: {workdir}\n  config.json, metrics.jsonl, summary.json, tb/, checkpoints/")
+  return summary

@@ -1,0 +1,183 @@
+"""One training run, end to end: the loop around `train.Trainer` (SPEC sections 7 and 10).
+
+`train_and_evaluate(cfg, workdir, dataset)` trains, evaluates, checkpoints and resumes.
+Its workdir holds config.json, metrics.jsonl, TensorBoard events under tb/, checkpoints/,
+and summary.json. A workdir with checkpoints resumes from the latest one; SIGTERM saves a
+checkpoint and returns cleanly; a non-finite loss raises `NonFiniteLossError` before
+anything bad is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+from stabjax import sharding
+from stabjax.checkpoint import Checkpointer, SigtermFlag
+from stabjax.data import make_iterator
+from stabjax.train import RunConfig, SpecialIds, Trainer, learning_rate
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN/inf; the last checkpoint on disk is the last good state."""
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+class MetricWriter:
+  """metrics.jsonl (one JSON object per logged step) plus TensorBoard scalars."""
+
+  def __init__(self, workdir: str, resume_step: int):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    rows = read_jsonl(self.path)
+    # A resumed run replays the steps after its checkpoint: drop what it will log again.
+    with open(self.path, "w") as f:
+      for row in rows:
+        if row["step"] <= resume_step:
+          f.write(json.dumps(row) + "\n")
+    self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    row = {"step": step, **{k: _to_py(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _to_py(v):
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+def special_ids(tokenizer) -> SpecialIds:
+  return SpecialIds(pad=tokenizer.pad_id, bos=tokenizer.bos_id, eos=tokenizer.eos_id,
+                    mask=tokenizer.mask_id)
+
+
+def evaluate(trainer: Trainer, params, dataset, cfg: RunConfig) -> dict[str, float]:
+  """Validation loss and perplexity on the first `eval_batches` validation batches."""
+  t = cfg.train
+  it = make_iterator(dataset, "validation", t.batch_size, t.seed,
+                     process_index=jax.process_index(), process_count=jax.process_count())
+  key = jax.random.PRNGKey(t.seed + 1)  # fixed: the same masks (BERT) at every evaluation
+  nll, tokens = 0.0, 0.0
+  for _ in range(t.eval_batches):
+    try:
+      batch = next(it)
+    except StopIteration:
+      break
+    out = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch), key))
+    nll += float(out["nll_sum"])
+    tokens += float(out["tokens"])
+  val_loss = nll / max(tokens, 1.0)
+  return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+def _all_finite(tree) -> bool:
+  return bool(jax.device_get(jax.tree.reduce(
+      lambda a, b: a & b, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree))))
+
+
+def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: bool = True
+                       ) -> dict[str, Any]:
+  """Train (or resume) in `workdir`; returns the summary also written to summary.json."""
+  t = cfg.train
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config_to_dict(cfg), f, indent=2)
+
+  trainer = Trainer.create(cfg, special_ids(dataset.tokenizer))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  iterator_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  start = ckpt.latest_step()
+  if start is None:
+    state = trainer.init_state()
+    train_it = make_iterator(dataset, "train", t.batch_size, t.seed, **iterator_kw)
+    start = 0
+  else:
+    state, data_state = ckpt.restore(start, trainer.abstract_state, trainer.state_shardings)
+    train_it = make_iterator(dataset, "train", t.batch_size, t.seed, state=data_state,
+                             **iterator_kw)
+  writer = MetricWriter(workdir, resume_step=start)
+  neg_log_freq = jax.device_put(jnp.asarray(dataset.neg_log_freq, jnp.float32),
+                                sharding.replicated(trainer.mesh))
+
+  step, status = start, "finished"
+  tokens_per_step = t.batch_size * t.seq_len
+  with SigtermFlag() as sigterm, tqdm.tqdm(total=t.steps, initial=start, desc="train",
+                                           disable=not show_progress, unit="step") as bar:
+    last_time = time.perf_counter()
+    while step < t.steps:
+      batch = trainer.put_batch(next(train_it))
+      state, metrics = trainer.train_step(state, batch, neg_log_freq)
+      step += 1
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics["loss"]):
+        ckpt.close()
+        writer.close()
+        raise NonFiniteLossError(
+            f"non-finite loss ({metrics['loss']}) at step {step}; the last good checkpoint is "
+            f"step {ckpt.latest_step()} in {ckpt.directory}")
+      now = time.perf_counter()
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", H=f"{metrics['entropy']:.3f}",
+                      tok_s=f"{tokens_per_step / max(now - last_time, 1e-9):,.0f}")
+      bar.update(1)
+      last_time = now
+      if step % t.log_every == 0 or step == t.steps:
+        writer.write(step, {**metrics, "lr": learning_rate(t, step - 1)})
+      if step % t.eval_every == 0 or step == t.steps:
+        writer.write(step, evaluate(trainer, state.params, dataset, cfg))
+      stop = bool(sigterm) or ckpt.reached_preemption(step)
+      if step % t.checkpoint_every == 0 or step == t.steps or stop:
+        if not _all_finite(state.params):
+          ckpt.close()
+          writer.close()
+          raise NonFiniteLossError(
+              f"non-finite parameters after step {step}; not saved; the last good checkpoint is "
+              f"step {ckpt.latest_step()} in {ckpt.directory}")
+        ckpt.save(step, state, train_it.state.to_dict())
+      if stop:
+        status = "preempted"
+        break
+  ckpt.close()
+  writer.close()
+
+  summary = {"status": status, "step": step, "workdir": os.path.abspath(workdir),
+             "history": read_jsonl(writer.path)}
+  if status == "finished":
+    summary.update(final_summary(summary["history"]))
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def final_summary(history: list[dict]) -> dict[str, Any]:
+  """Last value of each logged metric."""
+  last: dict[str, Any] = {}
+  for row in history:
+    last.update({k: v for k, v in row.items() if k != "step"})
+  return {"final": last}

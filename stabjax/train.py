@@ -1,0 +1,273 @@
+"""The BAARA training step, the evaluation step and the sharded train state (SPEC section 7).
+
+One step: forward with DMU/DTU masks -> loss = MLE + feedback (eq. 61) -> gradients ->
+batch statistics -> clip -> AdamW -> PSU (eq. 64, 69) -> apply -> optional second forward
+on the same batch with the same masks for the PSU's exact value (eq. 65) -> metrics.
+
+The step is `jax.jit` with explicit in/out shardings on a ('data', 'fsdp', 'tensor') mesh;
+the state is created already sharded from abstract shapes. Step randomness is
+`fold_in(key, step)`, so a resumed run needs no extra RNG state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from stabjax import feedback, sharding
+from stabjax.configs import ModelConfig, TrainConfig
+from stabjax.data import DataConfig
+from stabjax.models import get_model
+from stabjax.psu import PSUConfig, psu, psu_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything that defines a run; written to the workdir as config.json."""
+
+  model: ModelConfig
+  train: TrainConfig = TrainConfig()
+  psu: PSUConfig = PSUConfig()
+  data: DataConfig = DataConfig()
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: number of updates applied
+  params: Any
+  opt_state: Any
+  key: jax.Array  # uint32[2]; step keys are fold_in(key, step)
+  loss_after: jax.Array  # L(theta_step; B_{step-1}), the previous batch after its update
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  """Token ids the losses need (from the tokenizer)."""
+
+  pad: int
+  bos: int
+  eos: int
+  mask: int
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def _masked_mean(x: jax.Array, m: jax.Array) -> jax.Array:
+  m = m.astype(jnp.float32)
+  return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def mlm_corrupt(key: jax.Array, tokens: jax.Array, mask: jax.Array, ids: SpecialIds,
+                vocab_size: int, prob: float) -> tuple[jax.Array, jax.Array]:
+  """BERT masking: `prob` of the real, non-special tokens; of those 80% [MASK], 10% random, 10% kept."""
+  k_sel, k_kind, k_rand = jax.random.split(key, 3)
+  special = (tokens == ids.pad) | (tokens == ids.bos) | (tokens == ids.eos)
+  selected = jax.random.bernoulli(k_sel, prob, tokens.shape) & (mask > 0) & ~special
+  kind = jax.random.uniform(k_kind, tokens.shape)
+  random_tokens = jax.random.randint(k_rand, tokens.shape, 0, vocab_size, tokens.dtype)
+  inputs = jnp.where(selected & (kind < 0.8), ids.mask, tokens)
+  inputs = jnp.where(selected & (kind >= 0.8) & (kind < 0.9), random_tokens, inputs)
+  return inputs, selected
+
+
+def make_loss_fn(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig, ids: SpecialIds):
+  """loss_fn(params, batch, key, deterministic) -> (loss, aux) for GPT-2 (next token) or BERT (MLM)."""
+  alpha = train_cfg.alpha if train_cfg.feedback == "entropy" else 0.0
+
+  def loss_fn(params, batch, key, deterministic=False):
+    tokens, mask = batch["tokens"], batch["mask"]
+    k_dmu, k_dtu, k_drop, k_mlm = jax.random.split(key, 4)
+    rngs = {"dmu": k_dmu, "dtu": k_dtu, "dropout": k_drop}
+    if model_cfg.causal:
+      logits = model.apply({"params": params}, tokens, deterministic=deterministic, rngs=rngs)
+      logits, targets, weights = logits[:, :-1], tokens[:, 1:], mask[:, 1:]
+    else:
+      inputs, weights = mlm_corrupt(k_mlm, tokens, mask, ids, model_cfg.vocab_size,
+                                    train_cfg.mlm_prob)
+      logits = model.apply({"params": params}, inputs, attention_mask=mask,
+                           deterministic=deterministic, rngs=rngs)
+      targets = tokens
+    nll_tokens = _token_nll(logits, targets)
+    nll = _masked_mean(nll_tokens, weights)
+    entropy = feedback.predictive_entropy(logits, weights)
+    loss = nll
+    if alpha > 0:
+      loss = nll + feedback.feedback_loss(entropy, alpha, train_cfg.feedback_target)
+    aux = {"nll": nll, "entropy": entropy, "nll_sum": jnp.sum(nll_tokens * weights),
+           "tokens": jnp.sum(weights.astype(jnp.float32))}
+    return loss, aux
+
+  return loss_fn
+
+
+# ------------------------------------------------------------------------- optimizer
+
+
+def _decay_mask(params):
+  """Weight decay on kernels and embeddings only, not on biases or LayerNorm scales."""
+  def keep(path, _):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return not (name.endswith("bias") or name == "scale")
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: RunConfig, abstract_params) -> optax.GradientTransformationExtraArgs:
+  t = cfg.train
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, t.lr, min(t.warmup_steps, t.steps - 1) if t.steps > 1 else 0, t.steps,
+      end_value=t.lr * t.min_lr_ratio)
+  parts = [optax.clip_by_global_norm(t.clip_norm),
+           optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                       mask=_decay_mask)]
+  if cfg.psu.enabled:
+    groups, num_groups, _ = feedback.param_groups(abstract_params)
+    parts.append(psu(cfg.psu, groups, num_groups, alpha=t.alpha, seed=t.seed))
+  return optax.chain(*parts)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1) if cfg.steps > 1 else 0, cfg.steps,
+      end_value=cfg.lr * cfg.min_lr_ratio)
+  return float(schedule(step))
+
+
+# ------------------------------------------------------------------------ the system
+
+
+@dataclasses.dataclass
+class Trainer:
+  """The jitted, sharded functions of one run. Build with `Trainer.create`."""
+
+  cfg: RunConfig
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  tx: optax.GradientTransformationExtraArgs
+  state_shardings: Any
+  abstract_state: Any
+  init_state: Callable[[], TrainState]
+  train_step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
+  eval_step: Callable[[Any, dict, jax.Array], dict]
+  c_tilde: float
+
+  @classmethod
+  def create(cls, cfg: RunConfig, ids: SpecialIds, mesh: jax.sharding.Mesh | None = None
+             ) -> "Trainer":
+    mesh = sharding.make_mesh(cfg.train.mesh) if mesh is None else mesh
+    t = cfg.train
+    if t.batch_size % sharding.data_parallel_size(mesh):
+      raise ValueError(
+          f"--batch_size={t.batch_size} is not divisible by the {sharding.data_parallel_size(mesh)} "
+          f"data-parallel devices (mesh data x fsdp); accepted: a multiple of "
+          f"{sharding.data_parallel_size(mesh)}")
+    model = get_model(cfg.model)
+    dummy = jnp.zeros((1, t.seq_len), jnp.int32)
+
+    def init_params(key):
+      return model.init({"params": key}, dummy, deterministic=True)["params"]
+
+    seed_key = jax.random.PRNGKey(t.seed)
+    param_key, state_key = jax.random.split(seed_key)
+    abstract_boxed = jax.eval_shape(init_params, param_key)
+    abstract_params = nn.unbox(abstract_boxed)
+    tx = make_optimizer(cfg, abstract_params)
+
+    def init_fn():
+      params = nn.unbox(init_params(param_key))
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                        key=state_key, loss_after=jnp.zeros((), jnp.float32))
+
+    abstract_state = jax.eval_shape(init_fn)
+    param_sh = sharding.logical_shardings(abstract_boxed, mesh)
+    repl = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state.opt_state, param_sh,
+                                   transform_non_params=lambda _: repl,
+                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, key=repl, loss_after=repl)
+    batch_sh = sharding.batch_sharding(mesh)
+
+    loss_fn = make_loss_fn(model, cfg.model, t, ids)
+    c_tilde = feedback.learning_complexity(cfg.model, t.seq_len)
+    psu_exact = cfg.psu.enabled and cfg.psu.value == "exact"
+    groups, num_groups, _ = feedback.param_groups(abstract_params)
+
+    def train_step(state: TrainState, batch: dict, neg_log_freq: jax.Array):
+      key = jax.random.fold_in(state.key, state.step)
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+      stats = feedback.BatchStats(
+          loss=loss, entropy=aux["entropy"], grad_norm=optax.tree.norm(grads),
+          rarity=feedback.token_rarity(batch["tokens"], batch["mask"], neg_log_freq),
+          fisher=feedback.group_fisher(grads, groups, num_groups),
+          c_tilde=jnp.float32(c_tilde), prev_loss_after=state.loss_after)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, stats=stats,
+                                     grads=grads)
+      params = optax.apply_updates(state.params, updates)
+      # The PSU's exact value (eq. 65): the same batch and masks after the update.
+      loss_after = loss_fn(params, batch, key)[0] if psu_exact else jnp.zeros((), jnp.float32)
+      metrics = {"loss": loss, "nll": aux["nll"], "entropy": aux["entropy"],
+                 "grad_norm": stats.grad_norm, "update_norm": optax.tree.norm(updates),
+                 "tokens": aux["tokens"]}
+      if cfg.psu.enabled:
+        metrics.update({f"psu/{k}": v for k, v in psu_metrics(_psu_state(opt_state)).items()})
+      new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                loss_after=loss_after)
+      return new_state, metrics
+
+    def eval_step(params, batch, key):
+      _, aux = loss_fn(params, batch, key, deterministic=True)
+      return {"nll_sum": aux["nll_sum"], "tokens": aux["tokens"]}
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      jit_init = jax.jit(init_fn, out_shardings=state_sh)
+      jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl),
+                          out_shardings=(state_sh, repl), donate_argnums=(0,))
+      jit_eval = jax.jit(eval_step, in_shardings=(param_sh, batch_sh, repl), out_shardings=repl)
+
+    def under_mesh(f):
+      @functools.wraps(f)
+      def wrapped(*a):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+          return f(*a)
+      return wrapped
+
+    return cls(cfg=cfg, model=model, mesh=mesh, tx=tx, state_shardings=state_sh,
+               abstract_state=abstract_state, init_state=under_mesh(jit_init),
+               train_step=under_mesh(jit_train), eval_step=under_mesh(jit_eval), c_tilde=c_tilde)
+
+  def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A process's rows of the global batch -> global arrays sharded over the batch axes."""
+    sh = sharding.batch_sharding(self.mesh)
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v))
+            for k, v in local_batch.items()}
+
+  def lower_train_step(self):
+    """Lower the train step from abstract shapes only (no allocation): for memory reports."""
+    t = self.cfg.train
+    batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32,
+                                     sharding=sharding.batch_sharding(self.mesh))
+             for k in ("tokens", "mask")}
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         self.abstract_state, self.state_shardings)
+    freq = jax.ShapeDtypeStruct((self.cfg.model.vocab_size,), jnp.float32,
+                                sharding=sharding.replicated(self.mesh))
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      return self.train_step.__wrapped__.lower(state, batch, freq)
+
+
+def _psu_state(opt_state):
+  """The PSU's state inside the optax.chain state (its last member)."""
+  return opt_state[-1]
