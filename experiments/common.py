@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 from stabjax import configs, sharding
 from stabjax.configs import DMU_MODES, DTU_SCORES, FEEDBACK_KINDS, MODEL_CONFIGS
@@ -132,6 +132,8 @@ def prepare_run(F):
   """Validate everything and load the data before anything is written to the workdir."""
   from stabjax.data import DataError, load_dataset
 
+  if not F["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save at INFO
   cfg = build_config(F)
   if F.distributed:
     import jax

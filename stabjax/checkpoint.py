@@ -34,10 +34,17 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
-  def restore(self, step: int, abstract_state: Any, shardings: Any) -> tuple[Any, dict]:
-    """Restore into arrays with the given shardings (no host copy of the whole state)."""
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract_state, shardings)
+  def restore(self, step: int, abstract_state: Any = None, shardings: Any = None
+              ) -> tuple[Any, dict]:
+    """Restore into arrays with the given shardings (no host copy of the whole state).
+
+    Without `abstract_state`, the state comes back as saved (a tree of arrays), for
+    inspection.
+    """
+    target = None
+    if abstract_state is not None:
+      target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            abstract_state, shardings)
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
