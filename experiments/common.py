@@ -12,6 +12,7 @@ import sys
 from absl import flags, logging
 
 from stabjax import configs, sharding
+from stabjax.degeneration import GenerationEvalConfig
 from stabjax.configs import DMU_MODES, DTU_SCORES, FEEDBACK_KINDS, MODEL_CONFIGS
 
 FLAGS = flags.FLAGS
@@ -59,6 +60,14 @@ def define_run_flags() -> None:
   flags.DEFINE_integer("log_every", d.log_every, "Log metrics every N steps.")
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods).")
   flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+  g = GenerationEvalConfig()
+  flags.DEFINE_integer("num_samples", g.num_samples, "Generations measured at the end of a run.")
+  flags.DEFINE_integer("prompt_len", g.prompt_len, "Validation tokens used as each prompt.")
+  flags.DEFINE_integer("max_new_tokens", g.max_new_tokens, "Tokens per generation (0: seq_len - prompt_len).")
+  flags.DEFINE_float("temperature", g.temperature, "Sampling temperature.")
+  flags.DEFINE_integer("top_k", g.top_k, "Top-k sampling (0: off).")
+  flags.DEFINE_float("top_p", g.top_p, "Nucleus sampling (1: off).")
+  flags.DEFINE_integer("hf_top_k", g.hf_top_k, "K of the high-frequency word proportion.")
 
 
 def fail(message: str, code: int = 2):
@@ -109,8 +118,12 @@ def build_config(F, **overrides):
     if F.cache_dir:
       data_kw["cache_dir"] = F.cache_dir
     data = DataConfig(**data_kw)
+    generation = GenerationEvalConfig(
+        num_samples=F.num_samples, prompt_len=F.prompt_len, max_new_tokens=F.max_new_tokens,
+        temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, hf_top_k=F.hf_top_k,
+        seed=F.seed)
     cfg = RunConfig(model=model, train=train, psu=PSUConfig(enabled=F.psu, value=F.psu_value),
-                    data=data)
+                    data=data, generation=generation)
   except ValueError as e:
     fail(str(e))
   return cfg
@@ -159,7 +172,18 @@ def run_and_report(cfg, dataset, workdir: str) -> dict:
     print(f"preempted at step {summary['step']}: checkpoint saved in {workdir}/checkpoints; "
           f"run the same command again to resume")
     return summary
-  print(json.dumps({k: v for k, v in summary["final"].items()
-                    if isinstance(v, (int, float))}, indent=1))
-  print(f"workdir: {workdir}\n  config.json, metrics.jsonl, summary.json, tb/, checkpoints/")
+  print(metrics_table(summary))
+  print(f"workdir: {workdir}\n  config.json, metrics.jsonl, summary.json, samples.txt, tb/, "
+        f"checkpoints/")
   return summary
+
+
+def metrics_table(summary: dict) -> str:
+  """The run's headline numbers as a two-column markdown table."""
+  final, gen = summary["final"], summary.get("generation", {})
+  rows = [("train loss", final.get("loss")), ("train entropy H(B_t)", final.get("entropy")),
+          ("val loss", final.get("val_loss")), ("val perplexity", final.get("val_ppl"))]
+  rows += [(k, v) for k, v in gen.items() if isinstance(v, (int, float))]
+  lines = ["| metric | value |", "|---|---|"]
+  lines += [f"| {k} | {v:.4g} |" for k, v in rows if v is not None]
+  return "\n".join(lines)

@@ -22,7 +22,7 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
-from stabjax import sharding
+from stabjax import degeneration, sharding
 from stabjax.checkpoint import Checkpointer, SigtermFlag
 from stabjax.data import make_iterator
 from stabjax.train import RunConfig, SpecialIds, Trainer, learning_rate
@@ -170,6 +170,11 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
              "history": read_jsonl(writer.path)}
   if status == "finished":
     summary.update(final_summary(summary["history"]))
+    gen_metrics, texts = degeneration.measure(trainer.model, state.params, dataset,
+                                              cfg.generation)
+    summary["generation"] = gen_metrics
+    with open(os.path.join(workdir, "samples.txt"), "w") as f:
+      f.write("\n\n".join(f"[{i}] {t}" for i, t in enumerate(texts)) + "\n")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   return summary

@@ -25,6 +25,7 @@ import optax
 from stabjax import feedback, sharding
 from stabjax.configs import ModelConfig, TrainConfig
 from stabjax.data import DataConfig
+from stabjax.degeneration import GenerationEvalConfig
 from stabjax.models import get_model
 from stabjax.psu import PSUConfig, psu, psu_metrics
 
@@ -37,6 +38,7 @@ class RunConfig:
   train: TrainConfig = TrainConfig()
   psu: PSUConfig = PSUConfig()
   data: DataConfig = DataConfig()
+  generation: GenerationEvalConfig = GenerationEvalConfig()
 
 
 @flax.struct.dataclass
