@@ -25,7 +25,7 @@ from tensorboardX import SummaryWriter
 from stabjax import degeneration, sharding
 from stabjax.checkpoint import Checkpointer, SigtermFlag
 from stabjax.data import make_iterator
-from stabjax.train import RunConfig, SpecialIds, Trainer, learning_rate
+from stabjax.train import RunConfig, SpecialIds, Trainer, lr_schedule
 
 
 class NonFiniteLossError(RuntimeError):
@@ -148,7 +148,7 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
       bar.update(1)
       last_time = now
       if step % t.log_every == 0 or step == t.steps:
-        writer.write(step, {**metrics, "lr": learning_rate(t, step - 1)})
+        writer.write(step, {**metrics, "lr": lr_schedule(t)(step - 1)})
       if step % t.eval_every == 0 or step == t.steps:
         writer.write(step, evaluate(trainer, state.params, dataset, cfg))
       stop = bool(sigterm) or ckpt.reached_preemption(step)

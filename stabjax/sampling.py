@@ -445,13 +445,13 @@ def prompts_from_split(tokens: np.ndarray, mask: np.ndarray, prompt_len: int, nu
   Args:
     tokens, mask: [rows, seq_len] a split (`Split.tokens`, `Split.mask`).
     prompt_len: P <= seq_len.
-    num: prompts wanted.
+    num: prompts wanted; fewer come back when fewer rows give a non-empty prompt.
     seed: selects the rows.
     eos_id: cut prompts before it; None: no cut.
     pad_id: left padding.
 
   Raises:
-    ValueError: fewer than `num` rows give a non-empty prompt.
+    ValueError: no row gives a non-empty prompt.
   """
   tokens = np.asarray(tokens)
   mask = np.asarray(mask).astype(bool)
@@ -469,9 +469,10 @@ def prompts_from_split(tokens: np.ndarray, mask: np.ndarray, prompt_len: int, nu
   perm = np.random.default_rng(seed).permutation(tokens.shape[0])
   perm = perm[count[perm] > 0]
   order = perm[np.argsort(~full[perm], kind="stable")]
-  if len(order) < num:
-    raise ValueError(f"asked for {num} prompts but only {len(order)} rows give a non-empty one")
+  if not len(order):
+    raise ValueError("no row of the split gives a non-empty prompt")
   rows = order[:num]
+  num = len(rows)
   out = np.full((num, prompt_len), pad_id, np.int32)
   out_mask = np.zeros((num, prompt_len), np.int32)
   for i, r in enumerate(rows):

@@ -127,25 +127,22 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def lr_schedule(t: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to lr * min_lr_ratio at the last step."""
+  warmup = min(t.warmup_steps, t.steps - 1) if t.steps > 1 else 0
+  return optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, t.steps,
+                                            end_value=t.lr * t.min_lr_ratio)
+
+
 def make_optimizer(cfg: RunConfig, abstract_params) -> optax.GradientTransformationExtraArgs:
   t = cfg.train
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, t.lr, min(t.warmup_steps, t.steps - 1) if t.steps > 1 else 0, t.steps,
-      end_value=t.lr * t.min_lr_ratio)
   parts = [optax.clip_by_global_norm(t.clip_norm),
-           optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+           optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                        mask=_decay_mask)]
   if cfg.psu.enabled:
     groups, num_groups, _ = feedback.param_groups(abstract_params)
     parts.append(psu(cfg.psu, groups, num_groups, alpha=t.alpha, seed=t.seed))
   return optax.chain(*parts)
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1) if cfg.steps > 1 else 0, cfg.steps,
-      end_value=cfg.lr * cfg.min_lr_ratio)
-  return float(schedule(step))
 
 
 # ------------------------------------------------------------------------ the system

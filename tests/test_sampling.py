@@ -330,5 +330,7 @@ def test_prompts_prefer_full_rows_and_are_left_padded():
   orders = {tuple(sampling.prompts_from_split(tokens, mask, 4, 4, seed=s, eos_id=EOS).rows)
             for s in range(8)}
   assert len(orders) > 1 and all(set(o) == full for o in orders)
+  # Row 6 is empty: asking for 7 gives the 6 usable rows; a split of empty rows is an error.
+  assert len(sampling.prompts_from_split(tokens, mask, 4, 7, seed=0, eos_id=EOS).rows) == 6
   with pytest.raises(ValueError, match="non-empty"):
-    sampling.prompts_from_split(tokens, mask, 4, 7, seed=0, eos_id=EOS)  # row 6 is empty
+    sampling.prompts_from_split(tokens[6:], mask[6:], 4, 1, seed=0, eos_id=EOS)
