@@ -95,6 +95,7 @@ def run_sweep(runs: Sequence[SweepRun], workdir: str, *,
               load_dataset: Callable[..., Any] | None = None,
               train: Callable[..., dict] | None = None,
               show_progress: bool = False,
+              reuse_from: Sequence[str] = (),
               log: Callable[[str], None] = print) -> list[dict]:
   """Runs (or reuses) every condition in `workdir/<name>/`; returns their summaries.
 
@@ -105,6 +106,9 @@ def run_sweep(runs: Sequence[SweepRun], workdir: str, *,
   whose config.json differs from the requested config raises ValueError rather than
   mixing two conditions under one name. A run that ends 'preempted' stops the sweep
   (the summaries so far are returned; run the same command again to continue).
+  `reuse_from` lists other sweep directories whose finished run of the same name and
+  the same config is reused instead of training it again (e.g. the ablation's 'full'
+  variant is a Table 1 run).
   """
   if load_dataset is None:
     from stabjax.data import load_dataset
@@ -119,6 +123,13 @@ def run_sweep(runs: Sequence[SweepRun], workdir: str, *,
     cfg = r.cfg
     key = _dataset_key(cfg.data, cfg.train.seed)
     summary = read_summary(run_dir)
+    if summary is None:
+      for other in reuse_from:
+        other_dir = os.path.join(other, r.name)
+        found = read_summary(other_dir)
+        if found is not None and _same_config(other_dir, config_to_dict, cfg):
+          run_dir, summary = other_dir, found
+          break
     if summary is None:
       if key not in datasets:
         datasets[key] = load_dataset(cfg.data, seed=cfg.train.seed)
@@ -140,17 +151,29 @@ def run_sweep(runs: Sequence[SweepRun], workdir: str, *,
   return summaries
 
 
-def _check_config(run_dir: str, to_dict, cfg, reused: bool) -> None:
+def _configs(run_dir: str, to_dict, cfg, ignore_vocab: bool) -> tuple[dict | None, dict]:
   path = os.path.join(run_dir, "config.json")
+  new = _jsonable(to_dict(cfg))
   if not os.path.exists(path):
-    return
+    return None, new
   with open(path) as f:
     old = json.load(f)
-  new = _jsonable(to_dict(cfg))
-  if reused:
+  if ignore_vocab:
     # The tokenizer's vocabulary is only known after loading the data; compare the rest.
     old = {**old, "model": {**old["model"], "vocab_size": None}}
     new = {**new, "model": {**new["model"], "vocab_size": None}}
+  return old, new
+
+
+def _same_config(run_dir: str, to_dict, cfg) -> bool:
+  old, new = _configs(run_dir, to_dict, cfg, ignore_vocab=True)
+  return old == new
+
+
+def _check_config(run_dir: str, to_dict, cfg, reused: bool) -> None:
+  old, new = _configs(run_dir, to_dict, cfg, ignore_vocab=reused)
+  if old is None:
+    return
   if old != new:
     diff = sorted(f"{sec}.{k}" for sec in new if isinstance(new[sec], dict)
                   for k in new[sec] if old.get(sec, {}).get(k) != new[sec][k])
@@ -214,6 +237,17 @@ def wall_time_note(records: Sequence[Mapping[str, Any]], elapsed_s: float) -> st
   return (f"the runs took {sum(walls) / 60:.1f} min of wall time in all (each from its "
           f"config.json to its summary.json; a resumed run counts its last session only); "
           f"this invocation took {elapsed_s / 60:.1f} min (reused runs cost nothing).")
+
+
+def sample_words(run_dir: str) -> list[str]:
+  """The words (SPEC 9: lowercase [a-z']+ runs) of a run's generated samples.txt."""
+  from stabjax.metrics.text import words
+
+  path = os.path.join(run_dir, "samples.txt")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return words(f.read())  # the "[i] " prefixes hold no letters
 
 
 def metric_columns(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
@@ -418,7 +452,8 @@ def plot_grouped_bars(path: str, groups: Sequence[str], panels: Sequence[tuple[s
   for ax, (ylabel, series) in zip(axes[0], panels):
     width = 0.8 / max(len(series), 1)
     for j, (label, (vals, stds)) in enumerate(series.items()):
-      yerr = None if stds is None else np.nan_to_num(np.asarray(stds, float))
+      yerr = None if stds is None or np.all(np.isnan(np.asarray(stds, float))) else (
+          np.nan_to_num(np.asarray(stds, float)))
       ax.bar(x + (j - (len(series) - 1) / 2) * width, np.asarray(vals, float), width,
              yerr=yerr, capsize=2, label=label)
     ax.set_xticks(x, list(groups))
@@ -433,8 +468,14 @@ def plot_grouped_bars(path: str, groups: Sequence[str], panels: Sequence[tuple[s
   plt.close(fig)
 
 
+def _box_smooth(c: np.ndarray) -> np.ndarray:
+  """Mean over each cell's 3x3 neighbourhood (zero padded)."""
+  p = np.pad(c, 1)
+  return sum(p[i:i + c.shape[0], j:j + c.shape[1]] for i in range(3) for j in range(3)) / 9.0
+
+
 def plot_density(path: str, x: Sequence[float], y: Sequence[float], *, xlabel: str,
-                 ylabel: str, title: str = "", bins: int = 40,
+                 ylabel: str, title: str = "", bins: int = 30,
                  contours: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
                  figsize: tuple[float, float] = (5.5, 4.0), dpi: int = 100) -> None:
   """2-D histogram of (x, y) points (colour = number of points per bin) with a colourbar.
@@ -456,6 +497,7 @@ def plot_density(path: str, x: Sequence[float], y: Sequence[float], *, xlabel: s
   cmap = plt.get_cmap("autumn")
   for j, (label, (cx, cy)) in enumerate((contours or {}).items()):
     c, _, _ = np.histogram2d(np.asarray(cx, float), np.asarray(cy, float), bins=[xe, ye])
+    c = _box_smooth(c)  # a few hundred points in a fine grid give ragged contours
     if c.max() <= 0:
       continue
     colour = cmap(j / max(len(contours) - 1, 1))

@@ -28,6 +28,10 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv", None),
     ("layers", None),
+    # Activations: batch over the data axes (above), features unsharded, logits by vocab.
+    ("length", None),
+    ("act_embed", None),
+    ("act_vocab", "tensor"),
 )
 
 BATCH_AXES = ("data", "fsdp")

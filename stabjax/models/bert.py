@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from stabjax.configs import ModelConfig
 from stabjax.models.dmu import DMU
 from stabjax.models.dtu import DTU
-from stabjax.models.gpt2 import apply_blocks, compute_dtype, embedding_param, layer_norm
+from stabjax.models.gpt2 import (apply_blocks, compute_dtype, embedding_param, layer_norm,
+                                 shard_activations)
 
 
 class BertEmbeddings(nn.Module):
@@ -56,7 +57,7 @@ class BertBlock(nn.Module):
     h = DMU(d_ff=cfg.d_ff, config=cfg.dmu, activation="gelu", dtype=dtype,
             name="mlp")(x, deterministic=deterministic)
     x = layer_norm(cfg, "mlp_ln")(x + dropout(h, deterministic=deterministic))
-    return x, None
+    return shard_activations(x), None
 
 
 class BertMLMHead(nn.Module):
@@ -80,7 +81,7 @@ class BertMLMHead(nn.Module):
     # Accumulate the vocabulary projection in float32 even for bfloat16 compute.
     logits = jnp.einsum("btd,vd->btv", x, word.astype(dtype),
                         preferred_element_type=jnp.float32)
-    return logits + bias
+    return shard_activations(logits + bias, "act_vocab")
 
 
 class BERT(nn.Module):
@@ -111,6 +112,7 @@ class BERT(nn.Module):
       token_type_ids = jnp.zeros_like(input_ids)
     mask = None if attention_mask is None else attention_mask.astype(bool)
     x, word = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
+    x = shard_activations(x)
     x = apply_blocks(BertBlock, cfg, x, mask, deterministic, False)
     logits = BertMLMHead(cfg, name="mlm_head")(x, word)
     if return_hidden:

@@ -30,6 +30,7 @@ outputs zeros before the output projection on the sampled path.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import chex
@@ -68,20 +69,116 @@ def _candidates(q_pos: jax.Array, t: int, mask: jax.Array | None,
   return allowed
 
 
+# lowbias32 (C. Wellons, "Hash function prospector"): a bijective 32-bit mixer with good
+# avalanche. Two keyed rounds turn (query seeds, key index) into the uniform of one pair.
+_MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B
+# A factor-of-8 cost ratio: below it a dense masked softmax over all T keys beats the
+# gather/scatter of `keep` keys per query (CPU, benchmarks/RESULTS.md).
+DENSE_BELOW = 8
+# Margin (in standard deviations) of the survival threshold of `_survival_threshold`.
+_THRESHOLD_SIGMAS = 6.0
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(_MIX1)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(_MIX2)
+  return x ^ (x >> 16)
+
+
+def _row_seeds(rng: jax.Array, q_pos: jax.Array, b: int, h: int) -> jax.Array:
+  """uint32 [B, H, Q, 2]: the seeds of each (batch, head, query) from fold_in(rng, position)."""
+  bits = lambda i: jax.random.bits(jax.random.fold_in(rng, i), (b, h, 2), jnp.uint32)
+  return jax.vmap(bits, out_axes=2)(q_pos)
+
+
+def _gumbel(seeds: jax.Array, t: int) -> jax.Array:
+  """float32 [B, H, Q, T] standard Gumbel noise, one per (query, key), from the query seeds.
+
+  The per-pair uniforms are a keyed hash of the key index, not `jax.random` draws:
+  threefry costs about 7 ns per 32-bit word on CPU, more than the attention the DTU
+  saves (benchmarks/RESULTS.md). The seeds themselves come from the `'dtu'` stream.
+  """
+  j = lax.broadcasted_iota(jnp.uint32, (1, 1, 1, t), 3)
+  bits = _mix32(_mix32(j ^ seeds[..., :1]) ^ seeds[..., 1:])
+  u = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+  return -jnp.log(-jnp.log(u))
+
+
+def _perturbed(seeds: jax.Array, log_scores: jax.Array, q_pos: jax.Array,
+               mask: jax.Array | None, causal: bool) -> jax.Array:
+  """log c~_j + Gumbel noise [B, H, Q, T]; +inf at a causal query's own key, -inf off
+  the candidates."""
+  t = log_scores.shape[-1]
+  perturbed = log_scores[:, :, None, :] + _gumbel(seeds, t)
+  if causal:  # the query's own position always wins
+    is_self = jnp.arange(t)[None, :] == q_pos[:, None]
+    perturbed = jnp.where(is_self[None, None], jnp.inf, perturbed)
+  return jnp.where(_candidates(q_pos, t, mask, causal), perturbed, -jnp.inf)
+
+
+def _survival_threshold(log_scores: jax.Array, q_pos: jax.Array, mask: jax.Array | None,
+                        causal: bool, keep: int) -> jax.Array:
+  """tau [B, H, Q]: a threshold that at least `keep` perturbed keys pass, almost surely.
+
+  Key j passes (log c~_j + G >= tau) with probability 1 - exp(-w_j s), s = e^-tau,
+  w_j = c~_j / max c~ <= 1. By concavity, 1 - exp(-w s) >= w (1 - e^-s), so the expected
+  number passing is at least W (1 - e^-s), W the candidates' total weight (a prefix sum
+  for causal queries). tau puts that bound `_THRESHOLD_SIGMAS` standard deviations above
+  the number needed; -inf when the candidates are too few for that (all of them pass).
+  """
+  ls = log_scores - jnp.max(log_scores, axis=-1, keepdims=True)
+  w = jnp.exp(ls)
+  if mask is not None:
+    w = w * mask[:, None, :]
+  t = log_scores.shape[-1]
+  if causal:  # the own key (when real) is forced in: keep - 1 among the others
+    pos = jnp.minimum(q_pos, t - 1)
+    own = jnp.take(w, pos, axis=-1)
+    total = jnp.take(jnp.cumsum(w, axis=-1), pos, axis=-1) - own
+    needed = keep - (own > 0).astype(jnp.float32)
+  else:
+    total = jnp.broadcast_to(jnp.sum(w, axis=-1, keepdims=True), w.shape[:2] + q_pos.shape)
+    needed = jnp.float32(keep)
+  target = needed + _THRESHOLD_SIGMAS * (jnp.sqrt(needed) + 1.0)
+  ratio = target / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+  safe = jnp.minimum(ratio, 0.5)
+  return jnp.where(ratio < 1.0, -jnp.log(-jnp.log1p(-jnp.where(ratio < 1.0, ratio, safe))),
+                   -jnp.inf)
+
+
+def _top_keep(perturbed: jax.Array, tau: jax.Array, keep: int) -> tuple[jax.Array, jax.Array]:
+  """Exact top-`keep` (values, indices) of `perturbed` [..., T] using the threshold tau.
+
+  Keys below tau are set to -inf first, which makes XLA's top-k (a partial sort) much
+  cheaper; a row where fewer than `keep` keys pass falls back to its unthresholded keys,
+  so the result is always the exact top-k (ties: lower index first, as `lax.top_k`).
+  """
+  passes = perturbed >= tau[..., None]
+  enough = (jnp.sum(passes, axis=-1) >= keep) | (tau == -jnp.inf)
+  tau = jnp.where(enough, tau, -jnp.inf)
+  return lax.top_k(jnp.where(perturbed >= tau[..., None], perturbed, -jnp.inf), keep)
+
+
+def _sample_block_values(seeds: jax.Array, log_scores: jax.Array, q_pos: jax.Array,
+                         mask: jax.Array | None, causal: bool, keep: int
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Gumbel-top-k of the queries at q_pos: (values, indices) [B, H, Q, keep]."""
+  perturbed = _perturbed(seeds, log_scores, q_pos, mask, causal)
+  tau = _survival_threshold(log_scores, q_pos, mask, causal, keep)
+  values, indices = _top_keep(perturbed, tau, keep)
+  return values, indices.astype(jnp.int32)
+
+
 def _sample_block(rng: jax.Array, log_scores: jax.Array, q_pos: jax.Array,
                   mask: jax.Array | None, causal: bool,
                   keep: int) -> tuple[jax.Array, jax.Array]:
   """Gumbel-top-k for the queries at positions q_pos: indices, valid [B, H, Q, keep]."""
-  b, h, t = log_scores.shape
-  row_noise = lambda i: jax.random.gumbel(jax.random.fold_in(rng, i), (b, h, t), jnp.float32)
-  noise = jax.vmap(row_noise, out_axes=2)(q_pos)  # [B, H, Q, T]
-  perturbed = log_scores[:, :, None, :] + noise
-  if causal:  # the query's own position always wins
-    is_self = jnp.arange(t)[None, :] == q_pos[:, None]
-    perturbed = jnp.where(is_self[None, None], jnp.inf, perturbed)
-  perturbed = jnp.where(_candidates(q_pos, t, mask, causal), perturbed, -jnp.inf)
-  values, indices = lax.top_k(perturbed, keep)
-  return indices.astype(jnp.int32), values > -jnp.inf
+  b, h, _ = log_scores.shape
+  seeds = _row_seeds(rng, q_pos, b, h)
+  values, indices = _sample_block_values(seeds, log_scores, q_pos, mask, causal, keep)
+  return indices, values > -jnp.inf
 
 
 def dtu_sample(rng: jax.Array, log_scores: jax.Array, keep: int, causal: bool,
@@ -97,8 +194,16 @@ def dtu_sample(rng: jax.Array, log_scores: jax.Array, keep: int, causal: bool,
 
 
 def _gather_rows(x: jax.Array, indices: jax.Array) -> jax.Array:
-  """x [B, H, T, D], indices [B, H, Q, A] -> [B, H, Q, A, D]."""
-  return jax.vmap(jax.vmap(lambda xs, ix: xs[ix]))(x, indices)
+  """x [B, H, T, D], indices [B, H, Q, A] (in [0, T)) -> [B, H, Q, A, D].
+
+  One gather from the flattened [B H T, D] rows: on CPU about 3x faster than the
+  batched (vmapped) gather, and its transpose is a plain scatter-add.
+  """
+  b, h, t, d = x.shape
+  offset = (jnp.arange(b * h, dtype=indices.dtype) * t).reshape(b, h, 1, 1)
+  rows = (indices + offset).reshape(-1)
+  flat = x.reshape(b * h * t, d).at[rows].get(mode="promise_in_bounds")
+  return flat.reshape(indices.shape + (d,))
 
 
 def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array,
@@ -133,29 +238,70 @@ def dtu_dense_reference(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.A
   return jnp.einsum("bhqt,bhtd->bhqd", w.astype(v.dtype), v)
 
 
+def _set_mask(indices: jax.Array, valid: jax.Array, t: int) -> jax.Array:
+  """bool [B, H, Q, T]: True at the valid sampled keys of each query (a scatter).
+
+  Built from the indices, not by comparing with the keep-th value: XLA's CPU top-k does
+  not order ties by index, so only the indices say which of tied keys were taken.
+  """
+  lead = indices.shape[:-1]
+  rows = jnp.arange(math.prod(lead), dtype=indices.dtype).reshape(lead + (1,)) * t
+  flat = jnp.zeros((math.prod(lead) * t,), bool)
+  flat = flat.at[(indices + rows).reshape(-1)].set(valid.reshape(-1), mode="promise_in_bounds",
+                                                   unique_indices=True)
+  return flat.reshape(lead + (t,))
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array,
+                     valid: jax.Array) -> jax.Array:
+  """The same attention as `gathered_attention`, as a masked softmax over all T keys.
+
+  O(Q T Dh) but plain matmuls, so faster than the gathers when keep is a large share
+  of T. Shapes as in `gathered_attention`.
+  """
+  allowed = _set_mask(indices, valid, k.shape[2])
+  hd = q.shape[-1]
+  logits = jnp.einsum("bhqd,bhtd->bhqt", q, k) / jnp.sqrt(hd).astype(q.dtype)
+  logits = jnp.where(allowed, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  w = jax.nn.softmax(logits, axis=-1) * allowed  # all-invalid rows -> 0
+  return jnp.einsum("bhqt,bhtd->bhqd", w.astype(v.dtype), v)
+
+
 def sampled_attention(rng: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
-                      config: DTUConfig, causal: bool, mask: jax.Array | None = None
-                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """DTU attention with sampling and gathering done per block of queries (Alg. 6).
+                      config: DTUConfig, causal: bool, mask: jax.Array | None = None,
+                      impl: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+  """DTU attention with sampling and attention done per block of queries (Alg. 6).
 
   q, k, v [B, T, H, Dh]; mask [B, T] bool or None. Returns the attention output
   [B, T, H, Dh] and the sampled indices, valid [B, H, T, keep] (the sets used).
+
+  `impl`: 'gathered' gathers the keep keys/values of each query (O(T keep Dh), SPEC 4);
+  'dense' computes the same softmax over the same sets as a masked softmax over all T
+  keys (O(T^2 Dh), but plain matmuls); 'auto' takes 'dense' when T <= DENSE_BELOW *
+  keep, where the gathers cost more than the keys they skip. Same result either way.
   """
   b, t, h, hd = q.shape
   keep = min(config.keep, t)
   block = min(config.block_q, t)
   num_blocks = -(-t // block)
+  if impl == "auto":
+    impl = "dense" if t <= DENSE_BELOW * keep else "gathered"
+  if impl not in ("dense", "gathered"):
+    raise ValueError(f"impl must be auto, dense or gathered, got {impl!r}")
   log_scores = dtu_log_scores(k, config.scores)
   qt, kt, vt = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, T, Dh]
   qt = jnp.pad(qt, ((0, 0), (0, 0), (0, num_blocks * block - t), (0, 0)))
   q_blocks = qt.reshape(b, h, num_blocks, block, hd).transpose(2, 0, 1, 3, 4)
-  # Rematerialised in the backward pass: only indices (not gathered keys) are kept.
-  attend = jax.checkpoint(gathered_attention)
+  # Rematerialised in the backward pass: only indices are kept for it, not gathered keys
+  # or [Q, T] weights.
+  attend = jax.checkpoint(gathered_attention if impl == "gathered" else masked_attention)
 
   def one_block(args):
     q_blk, start = args
     q_pos = start + jnp.arange(block)
-    indices, valid = _sample_block(rng, log_scores, q_pos, mask, causal, keep)
+    seeds = _row_seeds(rng, q_pos, b, h)
+    values, indices = _sample_block_values(seeds, log_scores, q_pos, mask, causal, keep)
+    valid = values > -jnp.inf
     return attend(q_blk, kt, vt, indices, valid), indices, valid
 
   starts = jnp.arange(num_blocks) * block

@@ -39,6 +39,16 @@ def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
   )
 
 
+def shard_activations(x: jax.Array, last: str = "act_embed") -> jax.Array:
+  """Keeps [B, T, ...] activations split over the batch axes (a no-op without a mesh).
+
+  Without it XLA may all-gather the batch instead of an FSDP-sharded weight (e.g. for
+  the tied logits h @ wte.T, whose contraction dim is fsdp-sharded), so activation
+  memory grew with the global batch.
+  """
+  return nn.with_logical_constraint(x, ("batch", "length", last))
+
+
 def embedding_param(module: nn.Module, name: str, num: int, d: int,
                     axes: tuple[str | None, str | None],
                     stddev: float = 0.02) -> jax.Array:
@@ -98,7 +108,7 @@ class GPT2Block(nn.Module):
     h = DMU(d_ff=cfg.d_ff, config=cfg.dmu, activation="gelu_tanh", dtype=dtype,
             name="mlp")(h, deterministic=deterministic)
     x = x + dropout(h, deterministic=deterministic)
-    return x, None
+    return shard_activations(x), None
 
 
 class GPT2(nn.Module):
@@ -141,7 +151,7 @@ class GPT2(nn.Module):
     wte = embedding_param(self, "wte", cfg.vocab_size, cfg.d_model, ("vocab", "embed"))
     wpe = embedding_param(self, "wpe", cfg.max_len, cfg.d_model, (None, "embed"))
     x = (jnp.take(wte, input_ids, axis=0) + jnp.take(wpe, positions, axis=0)).astype(dtype)
-    x = nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
+    x = shard_activations(nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic))
 
     x = apply_blocks(GPT2Block, cfg, x, mask, deterministic, decode)
 
@@ -149,6 +159,7 @@ class GPT2(nn.Module):
     # Accumulate the vocabulary projection in float32 even for bfloat16 compute.
     logits = jnp.einsum("btd,vd->btv", hidden, wte.astype(dtype),
                         preferred_element_type=jnp.float32)
+    logits = shard_activations(logits, "act_vocab")
     if return_hidden:
       return logits, hidden.astype(jnp.float32)
     return logits
