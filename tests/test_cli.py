@@ -16,7 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = os.path.join(REPO, "experiments", "main.py")
 # Small and quick; every run in this file shares these unless it overrides them.
 FAST = ["--steps=30", "--batch_size=8", "--seq_len=32", "--eval_every=15", "--eval_batches=2",
-        "--log_every=5", "--checkpoint_every=10", "--progress=false", "--vocab_size=320"]
+        "--log_every=5", "--checkpoint_every=10", "--progress=false", "--vocab_size=320",
+        "--num_samples=8"]
 
 
 def main_cmd(workdir, *args, cache=None):
