@@ -198,7 +198,7 @@ HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
 )
 SYNTHETIC_METRICS: tuple[tuple[str, str], ...] = (
     ("syn/support_mass", "P(S_0)"),
-    ("syn/forward_kl", "d(P_emp||P) (nats)"),
+    ("syn/forward_kl", "KL(P_emp ‖ P) (nats)"),
     ("syn/model_entropy", "H(P) (nats)"),
 )
 
@@ -251,9 +251,13 @@ def sample_words(run_dir: str) -> list[str]:
 
 
 def metric_columns(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-  """Headline metrics, plus the synthetic-language ones when every record has them."""
+  """Headline metrics, plus the synthetic-language ones when any record has them.
+
+  (GPT-2 runs on `synthetic` data have them; BERT runs, which define no sequence
+  probability, do not: their cells stay empty.)
+  """
   cols = list(HEADLINE_METRICS)
-  if records and all(k in r for r in records for k, _ in SYNTHETIC_METRICS):
+  if any(k in r for r in records for k, _ in SYNTHETIC_METRICS):
     cols += list(SYNTHETIC_METRICS)
   return cols
 
@@ -365,9 +369,9 @@ def fmt_mean_std(stat: tuple[float, float] | None, digits: int = 4, percent: boo
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A GitHub markdown table; cells that are not strings go through `fmt`."""
-  cell = lambda c: c if isinstance(c, str) else fmt(c)  # noqa: E731
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  """A GitHub markdown table; cells that are not strings go through `fmt`; '|' is escaped."""
+  cell = lambda c: (c if isinstance(c, str) else fmt(c)).replace("|", "\\|")  # noqa: E731
+  lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
   for row in rows:
     if len(row) != len(header):
       raise ValueError(f"row has {len(row)} cells, header {len(header)}")
