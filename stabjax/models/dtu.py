@@ -3,21 +3,29 @@
 Self-attention in which, on training calls, each query i attends only to a sampled set
 I_i of a3 = `DTUConfig.keep` keys (Alg. 6, eq. 144):
 
-* Sampling: without replacement, by Gumbel-top-k on log c~_j + Gumbel noise drawn from
-  the `'dtu'` RNG stream, independently per (batch, head, query). This is successive
-  sampling proportional to c~_j (Plackett-Luce), so P(j in I_i) increases with c~_j
-  (it is exactly proportional only when a3 = 1). Scores c~_j (`DTUConfig.scores`):
-  `key_norm`, the L2 norm of key j per head (no gradient), or `uniform`.
+* Sampling: without replacement, by Gumbel-top-k on log c~_j + Gumbel noise, independently
+  per (batch, head, query). This is successive sampling proportional to c~_j
+  (Plackett-Luce), so P(j in I_i) increases with c~_j (it is exactly proportional only
+  when a3 = 1). Scores c~_j (`DTUConfig.scores`): `key_norm`, the L2 norm of key j per
+  head (no gradient), or `uniform`. Computed as the equivalent exponential race: the a3
+  largest c~_j / E_ij, E_ij = -log U_ij ~ Exp(1) (log of it = log c~_j + Gumbel). The
+  seeds of each (batch, head, query) come from the `'dtu'` stream (fold_in of the query
+  position); the uniform U_ij of each key is a keyed integer hash of j under them
+  (threefry per pair costs more on CPU than the attention the unit saves).
 * Candidates: keys that are not padding and, for causal models, j <= i; causal models
   always keep j = i. When fewer than a3 keys are candidates all of them are kept and
   the surplus slots are masked out.
-* Compute: the a3 keys/values of each query are gathered ([B, H, q_block, a3, Dh]) and
-  the softmax runs over the a3 slots, O(n a3 d) instead of O(n^2 d). Queries go in
-  blocks of `DTUConfig.block_q` (`lax.map`), so the per-query scores used for sampling
-  (O(n^2) scalars per head) and the gathered keys exist one block at a time; the
-  attention of a block is rematerialised in the backward pass, so what is kept for
-  it is O(n a3) indices, not O(n a3 d) gathered keys. The Gumbel noise of a query
-  depends only on (key, query position), so the result does not depend on block_q.
+* Compute, two implementations of the same sets and the same softmax (`sampled_attention`
+  picks by cost): 'gathered' selects with a (thresholded) top-k and gathers the a3
+  keys/values of each query ([B, H, q_block, a3, Dh]), softmax over the a3 slots, O(n a3
+  d) instead of O(n^2 d) (SPEC 4); 'dense', for a3 > n / `DENSE_BELOW`, selects with a
+  bisection on the race keys (no sort) and runs a masked softmax over all n keys: plain
+  matmuls, faster there than the gathers. Queries go in blocks of `DTUConfig.block_q`
+  (`lax.map`), so the per-query race keys (O(n^2) scalars per head) and the gathered
+  keys exist one block at a time; the gathered attention of a block is rematerialised
+  in the backward pass, so what is kept for it is O(n a3) indices, not O(n a3 d)
+  gathered keys. The noise of a query depends only on (key, query position), so the
+  result does not depend on block_q.
 
 Evaluation (`deterministic=True`), `enabled=False`, or a3 >= the sequence length (every
 candidate set then fits) use standard full attention: DTU is a training-time stochastic
@@ -30,7 +38,6 @@ outputs zeros before the output projection on the sampled path.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import chex
@@ -72,11 +79,13 @@ def _candidates(q_pos: jax.Array, t: int, mask: jax.Array | None,
 # lowbias32 (C. Wellons, "Hash function prospector"): a bijective 32-bit mixer with good
 # avalanche. Two keyed rounds turn (query seeds, key index) into the uniform of one pair.
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B
-# A factor-of-8 cost ratio: below it a dense masked softmax over all T keys beats the
-# gather/scatter of `keep` keys per query (CPU, benchmarks/RESULTS.md).
+# 'auto' computes the sampled attention densely (a masked softmax over all T keys) when
+# T < DENSE_BELOW * keep: there the gather/scatter of keep keys per query costs more
+# than the keys it skips (at T = 8 keep the two are about even on CPU; RESULTS.md).
 DENSE_BELOW = 8
-# Margin (in standard deviations) of the survival threshold of `_survival_threshold`.
-_THRESHOLD_SIGMAS = 6.0
+# Margin, in standard deviations, of the race-key bounds of `_race_bounds`.
+_SIGMAS = 6.0
+_ABOVE_INF = 0x7F800001  # an int32 race key above every float key, +inf included
 
 
 def _mix32(x: jax.Array) -> jax.Array:
@@ -93,8 +102,8 @@ def _row_seeds(rng: jax.Array, q_pos: jax.Array, b: int, h: int) -> jax.Array:
   return jax.vmap(bits, out_axes=2)(q_pos)
 
 
-def _gumbel(seeds: jax.Array, t: int) -> jax.Array:
-  """float32 [B, H, Q, T] standard Gumbel noise, one per (query, key), from the query seeds.
+def _exponentials(seeds: jax.Array, t: int) -> jax.Array:
+  """float32 [B, H, Q, T] standard exponentials, one per (query, key), from the seeds.
 
   The per-pair uniforms are a keyed hash of the key index, not `jax.random` draws:
   threefry costs about 7 ns per 32-bit word on CPU, more than the attention the DTU
@@ -103,33 +112,38 @@ def _gumbel(seeds: jax.Array, t: int) -> jax.Array:
   j = lax.broadcasted_iota(jnp.uint32, (1, 1, 1, t), 3)
   bits = _mix32(_mix32(j ^ seeds[..., :1]) ^ seeds[..., 1:])
   u = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-  return -jnp.log(-jnp.log(u))
+  return -jnp.log(u)
 
 
-def _perturbed(seeds: jax.Array, log_scores: jax.Array, q_pos: jax.Array,
+def _race_keys(seeds: jax.Array, log_scores: jax.Array, q_pos: jax.Array,
                mask: jax.Array | None, causal: bool) -> jax.Array:
-  """log c~_j + Gumbel noise [B, H, Q, T]; +inf at a causal query's own key, -inf off
-  the candidates."""
+  """Race keys r_ij = w_j / E_ij [B, H, Q, T], w_j = c~_j / max c~, E_ij ~ Exp(1).
+
+  log r = log w_j + G_ij with G = -log E a standard Gumbel, so the top keep race keys
+  are exactly the Gumbel-top-k sample of SPEC 4 (the "exponential race"), for one log
+  per pair instead of two. +inf at a causal query's own key, -inf off the candidates.
+  """
   t = log_scores.shape[-1]
-  perturbed = log_scores[:, :, None, :] + _gumbel(seeds, t)
+  w = jnp.exp(log_scores - jnp.max(log_scores, axis=-1, keepdims=True))
+  race = w[:, :, None, :] / _exponentials(seeds, t)
   if causal:  # the query's own position always wins
     is_self = jnp.arange(t)[None, :] == q_pos[:, None]
-    perturbed = jnp.where(is_self[None, None], jnp.inf, perturbed)
-  return jnp.where(_candidates(q_pos, t, mask, causal), perturbed, -jnp.inf)
+    race = jnp.where(is_self[None, None], jnp.inf, race)
+  return jnp.where(_candidates(q_pos, t, mask, causal), race, -jnp.inf)
 
 
-def _survival_threshold(log_scores: jax.Array, q_pos: jax.Array, mask: jax.Array | None,
-                        causal: bool, keep: int) -> jax.Array:
-  """tau [B, H, Q]: a threshold that at least `keep` perturbed keys pass, almost surely.
+def _race_bounds(log_scores: jax.Array, q_pos: jax.Array, mask: jax.Array | None,
+                 causal: bool, keep: int) -> tuple[jax.Array, jax.Array]:
+  """(x_lo, x_hi) [B, H, Q]: at least keep race keys reach x_lo, fewer than keep x_hi.
 
-  Key j passes (log c~_j + G >= tau) with probability 1 - exp(-w_j s), s = e^-tau,
-  w_j = c~_j / max c~ <= 1. By concavity, 1 - exp(-w s) >= w (1 - e^-s), so the expected
-  number passing is at least W (1 - e^-s), W the candidates' total weight (a prefix sum
-  for causal queries). tau puts that bound `_THRESHOLD_SIGMAS` standard deviations above
-  the number needed; -inf when the candidates are too few for that (all of them pass).
+  Each holds with probability > 1 - 1e-8. Key j reaches x with probability
+  1 - exp(-w_j / x), w_j <= 1, and by concavity W (1 - e^(-1/x)) <= sum_j (1 - e^(-w_j/x))
+  <= W / x, W the candidates' total weight (a prefix sum for causal queries). x_lo puts
+  the lower bound `_SIGMAS` standard deviations above the number of keys needed, x_hi
+  the upper bound as far below it; x_lo = 0 (every candidate reaches it) and x_hi = +inf
+  where the candidates are too few for that.
   """
-  ls = log_scores - jnp.max(log_scores, axis=-1, keepdims=True)
-  w = jnp.exp(ls)
+  w = jnp.exp(log_scores - jnp.max(log_scores, axis=-1, keepdims=True))
   if mask is not None:
     w = w * mask[:, None, :]
   t = log_scores.shape[-1]
@@ -140,57 +154,156 @@ def _survival_threshold(log_scores: jax.Array, q_pos: jax.Array, mask: jax.Array
     needed = keep - (own > 0).astype(jnp.float32)
   else:
     total = jnp.broadcast_to(jnp.sum(w, axis=-1, keepdims=True), w.shape[:2] + q_pos.shape)
-    needed = jnp.float32(keep)
-  target = needed + _THRESHOLD_SIGMAS * (jnp.sqrt(needed) + 1.0)
-  ratio = target / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
-  safe = jnp.minimum(ratio, 0.5)
-  return jnp.where(ratio < 1.0, -jnp.log(-jnp.log1p(-jnp.where(ratio < 1.0, ratio, safe))),
-                   -jnp.inf)
+    needed = jnp.full(total.shape, keep, jnp.float32)
+  margin = _SIGMAS * (jnp.sqrt(needed) + 1.0)
+  ratio = (needed + margin) / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
+  fits = ratio < 1.0
+  x_lo = jnp.where(fits, -1.0 / jnp.log1p(-jnp.where(fits, ratio, 0.5)), 0.0)
+  below = needed - margin
+  x_hi = jnp.where(below > 0, total / jnp.where(below > 0, below, 1.0), jnp.inf)
+  return x_lo, x_hi
 
 
-def _top_keep(perturbed: jax.Array, tau: jax.Array, keep: int) -> tuple[jax.Array, jax.Array]:
-  """Exact top-`keep` (values, indices) of `perturbed` [..., T] using the threshold tau.
+def _sample_top_k(race: jax.Array, x_lo: jax.Array, keep: int) -> tuple[jax.Array, jax.Array]:
+  """The top keep race keys per row, exactly: (indices int32, valid) [..., keep].
 
-  Keys below tau are set to -inf first, which makes XLA's top-k (a partial sort) much
-  cheaper; a row where fewer than `keep` keys pass falls back to its unthresholded keys,
-  so the result is always the exact top-k (ties: lower index first, as `lax.top_k`).
+  Keys below x_lo are set to -inf first, which makes XLA's top-k (a partial sort) much
+  cheaper; a row where fewer than keep keys reach x_lo uses all its keys.
   """
-  passes = perturbed >= tau[..., None]
-  enough = (jnp.sum(passes, axis=-1) >= keep) | (tau == -jnp.inf)
-  tau = jnp.where(enough, tau, -jnp.inf)
-  return lax.top_k(jnp.where(perturbed >= tau[..., None], perturbed, -jnp.inf), keep)
+  enough = (jnp.sum(race >= x_lo[..., None], axis=-1) >= keep) | (x_lo <= 0)
+  x = jnp.where(enough, x_lo, -jnp.inf)
+  values, indices = lax.top_k(jnp.where(race >= x[..., None], race, -jnp.inf), keep)
+  return indices.astype(jnp.int32), values > -jnp.inf
 
 
-def _sample_block_values(seeds: jax.Array, log_scores: jax.Array, q_pos: jax.Array,
-                         mask: jax.Array | None, causal: bool, keep: int
-                         ) -> tuple[jax.Array, jax.Array]:
-  """Gumbel-top-k of the queries at q_pos: (values, indices) [B, H, Q, keep]."""
-  perturbed = _perturbed(seeds, log_scores, q_pos, mask, causal)
-  tau = _survival_threshold(log_scores, q_pos, mask, causal, keep)
-  values, indices = _top_keep(perturbed, tau, keep)
-  return values, indices.astype(jnp.int32)
+def _count_at_least(key: jax.Array, threshold: jax.Array) -> jax.Array:
+  """int32 [...]: how many of key [..., T] are >= threshold [...] (one pass).
+
+  Summed in int16 when T < 2^15: XLA's CPU backend materialises partial sums of long
+  reductions, and narrower ones make the pass about 1.3x faster.
+  """
+  dtype = jnp.int16 if key.shape[-1] < 2**15 else jnp.int32
+  return jnp.sum(key >= threshold[..., None], axis=-1, dtype=dtype).astype(jnp.int32)
+
+
+def _bisect(key: jax.Array, state: tuple, keep: int, max_steps: int | None = None) -> tuple:
+  """Bisection steps on (lo, hi, c_lo, c_hi, done) [R] for key [R, T] until every row is
+  resolved (exactly keep keys reach lo) or pinned (hi = lo + 1), or max_steps."""
+
+  def unresolved(state):
+    lo, hi, _, _, done = state[:5]
+    return ~done & (hi - lo > 1)
+
+  def step(state):
+    lo, hi, c_lo, c_hi, done, i = state
+    active = unresolved(state)
+    mid = lo + (hi - lo) // 2
+    c = _count_at_least(key, mid)
+    up, down = active & (c >= keep), active & (c < keep)
+    lo, c_lo = jnp.where(up, mid, lo), jnp.where(up, c, c_lo)
+    hi, c_hi = jnp.where(down, mid, hi), jnp.where(down, c, c_hi)
+    return lo, hi, c_lo, c_hi, done | (c_lo == keep), i + 1
+
+  def cond(state):
+    more = jnp.any(unresolved(state))
+    return more if max_steps is None else more & (state[5] < max_steps)
+
+  return lax.while_loop(cond, step, state + (0,))[:5]
+
+
+def _sample_mask(race: jax.Array, x_lo: jax.Array, x_hi: jax.Array, keep: int,
+                 full_steps: int = 12) -> jax.Array:
+  """bool [..., T]: the top keep race keys per row (every candidate if fewer), exactly.
+
+  No sorting: a bisection on the race keys' int32 bit patterns (monotone in the value
+  for keys >= 0; -inf is negative) between x_lo and x_hi, one counting pass per step,
+  until exactly keep keys reach the threshold; float ties at the keep-th key go to the
+  lowest indices. After `full_steps` steps on all rows, the few rows left (close k-th
+  and k+1-th keys) continue gathered into an array of 1/8 of the rows. On CPU about 3x
+  cheaper than top-k when keep is a large share of T.
+  """
+  shape, t = race.shape, race.shape[-1]
+  # Materialised once: otherwise XLA recomputes the race keys (a hash and a log per key)
+  # inside every pass that reads them.
+  key = lax.optimization_barrier(lax.bitcast_convert_type(race, jnp.int32).reshape(-1, t))
+  rows = key.shape[0]
+  lo = lax.bitcast_convert_type(x_lo, jnp.int32).reshape(-1)
+  hi = jnp.where(x_hi < jnp.inf, lax.bitcast_convert_type(x_hi, jnp.int32), _ABOVE_INF).reshape(-1)
+  c_lo, c_hi = _count_at_least(key, lo), _count_at_least(key, hi)
+  # A failed bound (probability < 1e-8) widens to every candidate / above every key. (x_lo
+  # > 0 implies more than keep candidates, so the count at 0 is only known to be > keep;
+  # x_lo = 0 is every candidate already, and c_lo their exact number.)
+  ok_lo = (c_lo >= keep) | (lo <= 0)
+  lo, c_lo = jnp.where(ok_lo, lo, 0), jnp.where(ok_lo, c_lo, keep + 1)
+  hi, c_hi = jnp.where(c_hi < keep, hi, _ABOVE_INF), jnp.where(c_hi < keep, c_hi, 0)
+  state = (lo, hi, c_lo, c_hi, c_lo <= keep)  # done: exactly keep reach lo, or all fit
+  cap = max(64, rows // 8)
+  if cap < rows:
+    state = _bisect(key, state, keep, full_steps)
+    lo, hi, _, _, done = state
+    idx = jnp.nonzero(~done & (hi - lo > 1), size=cap, fill_value=rows)[0]
+    sub_key = key.at[idx].get(mode="fill", fill_value=jnp.iinfo(jnp.int32).min)
+    sub = tuple(a.at[idx].get(mode="fill", fill_value=f)
+                for a, f in zip(state, (0, 1, keep, 0, True)))
+    sub = _bisect(sub_key, sub, keep)
+    state = tuple(a.at[idx].set(b, mode="drop") for a, b in zip(state, sub))
+  # Whatever is left (more than `cap` rows were unresolved, or no compaction).
+  lo, hi, c_lo, c_hi, done = _bisect(key, state, keep)
+  # Unresolved rows: lo is the keep-th key and several keys equal it (hi = lo + 1); of
+  # those, the keep - c_hi with the lowest indices are taken, up to index `last`.
+  tied = ~done
+
+  def last_tie():
+    at_lo = tied[:, None] & (key == lo[:, None])
+    rank = jnp.cumsum(at_lo, axis=-1, dtype=jnp.int32)
+    return jnp.sum(rank < (keep - c_hi)[:, None], axis=-1, dtype=jnp.int32)
+
+  last = lax.cond(jnp.any(tied), last_tie, lambda: jnp.full(lo.shape, -1, jnp.int32))
+  j = lax.broadcasted_iota(jnp.int32, key.shape, 1)
+  selected = ((key >= jnp.where(tied, hi, lo)[:, None]) |
+              (tied[:, None] & (key == lo[:, None]) & (j <= last[:, None])))
+  return selected.reshape(shape)
+
+
+def _sets_from_mask(race: jax.Array, selected: jax.Array, keep: int
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(indices, valid) [..., keep] of the keys in a set mask (the order is immaterial)."""
+  values, indices = lax.top_k(jnp.where(selected, race, -jnp.inf), keep)
+  return indices.astype(jnp.int32), values > -jnp.inf
+
+
+def _impl(impl: str, t: int, keep: int) -> str:
+  if impl == "auto":
+    return "dense" if t < DENSE_BELOW * keep else "gathered"
+  if impl not in ("dense", "gathered"):
+    raise ValueError(f"impl must be auto, dense or gathered, got {impl!r}")
+  return impl
 
 
 def _sample_block(rng: jax.Array, log_scores: jax.Array, q_pos: jax.Array,
-                  mask: jax.Array | None, causal: bool,
-                  keep: int) -> tuple[jax.Array, jax.Array]:
+                  mask: jax.Array | None, causal: bool, keep: int,
+                  impl: str = "auto") -> tuple[jax.Array, jax.Array]:
   """Gumbel-top-k for the queries at positions q_pos: indices, valid [B, H, Q, keep]."""
-  b, h, _ = log_scores.shape
-  seeds = _row_seeds(rng, q_pos, b, h)
-  values, indices = _sample_block_values(seeds, log_scores, q_pos, mask, causal, keep)
-  return indices, values > -jnp.inf
+  b, h, t = log_scores.shape
+  race = _race_keys(_row_seeds(rng, q_pos, b, h), log_scores, q_pos, mask, causal)
+  x_lo, x_hi = _race_bounds(log_scores, q_pos, mask, causal, keep)
+  if _impl(impl, t, keep) == "gathered":
+    return _sample_top_k(race, x_lo, keep)
+  return _sets_from_mask(race, _sample_mask(race, x_lo, x_hi, keep), keep)
 
 
 def dtu_sample(rng: jax.Array, log_scores: jax.Array, keep: int, causal: bool,
-               mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               mask: jax.Array | None = None, impl: str = "auto"
+               ) -> tuple[jax.Array, jax.Array]:
   """The sampled key sets I_i of every query (one block; the module samples blockwise).
 
   log_scores [B, H, T] (`dtu_log_scores`), mask [B, T] bool or None. Returns indices
   [B, H, T, keep] int32 and valid [B, H, T, keep] bool (False: a surplus slot). The
-  same draws as the module's blockwise sampling with the same rng.
+  same draws as the module's blockwise sampling with the same rng and `impl` (the two
+  implementations select the same sets but for float ties at the keep-th key).
   """
   t = log_scores.shape[-1]
-  return _sample_block(rng, log_scores, jnp.arange(t), mask, causal, keep)
+  return _sample_block(rng, log_scores, jnp.arange(t), mask, causal, min(keep, t), impl)
 
 
 def _gather_rows(x: jax.Array, indices: jax.Array) -> jax.Array:
@@ -238,77 +351,73 @@ def dtu_dense_reference(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.A
   return jnp.einsum("bhqt,bhtd->bhqd", w.astype(v.dtype), v)
 
 
-def _set_mask(indices: jax.Array, valid: jax.Array, t: int) -> jax.Array:
-  """bool [B, H, Q, T]: True at the valid sampled keys of each query (a scatter).
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, selected: jax.Array
+                     ) -> jax.Array:
+  """The attention of `gathered_attention` as a masked softmax over all T keys.
 
-  Built from the indices, not by comparing with the keep-th value: XLA's CPU top-k does
-  not order ties by index, so only the indices say which of tied keys were taken.
+  q [B, H, Q, Dh]; k, v [B, H, T, Dh]; selected [B, H, Q, T] bool, the sets. O(Q T Dh),
+  but plain matmuls: faster than the gathers when keep is a large share of T. A query
+  with an empty set gives 0.
   """
-  lead = indices.shape[:-1]
-  rows = jnp.arange(math.prod(lead), dtype=indices.dtype).reshape(lead + (1,)) * t
-  flat = jnp.zeros((math.prod(lead) * t,), bool)
-  flat = flat.at[(indices + rows).reshape(-1)].set(valid.reshape(-1), mode="promise_in_bounds",
-                                                   unique_indices=True)
-  return flat.reshape(lead + (t,))
-
-
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, indices: jax.Array,
-                     valid: jax.Array) -> jax.Array:
-  """The same attention as `gathered_attention`, as a masked softmax over all T keys.
-
-  O(Q T Dh) but plain matmuls, so faster than the gathers when keep is a large share
-  of T. Shapes as in `gathered_attention`.
-  """
-  allowed = _set_mask(indices, valid, k.shape[2])
   hd = q.shape[-1]
   logits = jnp.einsum("bhqd,bhtd->bhqt", q, k) / jnp.sqrt(hd).astype(q.dtype)
-  logits = jnp.where(allowed, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-  w = jax.nn.softmax(logits, axis=-1) * allowed  # all-invalid rows -> 0
+  logits = jnp.where(selected, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  w = jax.nn.softmax(logits, axis=-1) * selected  # empty rows -> 0
   return jnp.einsum("bhqt,bhtd->bhqd", w.astype(v.dtype), v)
 
 
 def sampled_attention(rng: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
                       config: DTUConfig, causal: bool, mask: jax.Array | None = None,
-                      impl: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+                      impl: str = "auto", return_sets: bool = True
+                      ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
   """DTU attention with sampling and attention done per block of queries (Alg. 6).
 
   q, k, v [B, T, H, Dh]; mask [B, T] bool or None. Returns the attention output
-  [B, T, H, Dh] and the sampled indices, valid [B, H, T, keep] (the sets used).
+  [B, T, H, Dh] and the sampled indices, valid [B, H, T, keep] (the sets used; None
+  with `return_sets=False`, which spares the dense implementation a top-k).
 
-  `impl`: 'gathered' gathers the keep keys/values of each query (O(T keep Dh), SPEC 4);
-  'dense' computes the same softmax over the same sets as a masked softmax over all T
-  keys (O(T^2 Dh), but plain matmuls); 'auto' takes 'dense' when T <= DENSE_BELOW *
-  keep, where the gathers cost more than the keys they skip. Same result either way.
+  `impl`: 'gathered' samples with a top-k and gathers the keep keys/values of each
+  query (O(T keep Dh), SPEC 4); 'dense' samples with a bisection (`_sample_mask`) and
+  computes the same softmax over the same sets as a masked softmax over all T keys
+  (O(T^2 Dh), but plain matmuls); 'auto' takes 'dense' when T < DENSE_BELOW * keep,
+  where the gathers cost more than the keys they skip.
   """
   b, t, h, hd = q.shape
   keep = min(config.keep, t)
   block = min(config.block_q, t)
   num_blocks = -(-t // block)
-  if impl == "auto":
-    impl = "dense" if t <= DENSE_BELOW * keep else "gathered"
-  if impl not in ("dense", "gathered"):
-    raise ValueError(f"impl must be auto, dense or gathered, got {impl!r}")
+  impl = _impl(impl, t, keep)
   log_scores = dtu_log_scores(k, config.scores)
   qt, kt, vt = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, T, Dh]
   qt = jnp.pad(qt, ((0, 0), (0, 0), (0, num_blocks * block - t), (0, 0)))
   q_blocks = qt.reshape(b, h, num_blocks, block, hd).transpose(2, 0, 1, 3, 4)
-  # Rematerialised in the backward pass: only indices are kept for it, not gathered keys
-  # or [Q, T] weights.
-  attend = jax.checkpoint(gathered_attention if impl == "gathered" else masked_attention)
+  # The gathered attention is rematerialised in the backward pass, so only indices are
+  # kept for it, not gathered keys. The dense one is not: it keeps [Q, T] weights like
+  # the full attention it replaces, and recomputing them would cost a third of it.
+  attend = jax.checkpoint(gathered_attention) if impl == "gathered" else masked_attention
 
   def one_block(args):
     q_blk, start = args
     q_pos = start + jnp.arange(block)
-    seeds = _row_seeds(rng, q_pos, b, h)
-    values, indices = _sample_block_values(seeds, log_scores, q_pos, mask, causal, keep)
-    valid = values > -jnp.inf
-    return attend(q_blk, kt, vt, indices, valid), indices, valid
+    race = _race_keys(_row_seeds(rng, q_pos, b, h), log_scores, q_pos, mask, causal)
+    x_lo, x_hi = _race_bounds(log_scores, q_pos, mask, causal, keep)
+    if impl == "gathered":
+      indices, valid = _sample_top_k(race, x_lo, keep)
+      return attend(q_blk, kt, vt, indices, valid), indices, valid
+    selected = _sample_mask(race, x_lo, x_hi, keep)
+    out = attend(q_blk, kt, vt, selected)
+    if not return_sets:
+      return out, None, None
+    indices, valid = _sets_from_mask(race, selected, keep)
+    return out, indices, valid
 
   starts = jnp.arange(num_blocks) * block
   out, indices, valid = lax.map(one_block, (q_blocks, starts))
   unblock = lambda a: jnp.moveaxis(a, 0, 2).reshape(b, h, num_blocks * block, -1)[:, :, :t]
-  out, indices, valid = unblock(out), unblock(indices), unblock(valid)
-  return out.transpose(0, 2, 1, 3), indices, valid
+  out = unblock(out).transpose(0, 2, 1, 3)
+  if indices is None or not return_sets:
+    return out, None, None
+  return out, unblock(indices), unblock(valid)
 
 
 def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
@@ -362,7 +471,8 @@ class DTU(nn.Module):
         self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
       cfg = self.config
       if cfg.enabled and not deterministic and not decode and cfg.keep < t:
-        out, _, _ = sampled_attention(self.make_rng("dtu"), q, k, v, cfg, self.causal, mask)
+        out, _, _ = sampled_attention(self.make_rng("dtu"), q, k, v, cfg, self.causal, mask,
+                                      return_sets=False)
       else:
         out = full_attention(q, k, v, _candidates(jnp.arange(t), t, mask, self.causal))
     chex.assert_shape(out, (b, t, h, hd))
