@@ -165,10 +165,10 @@ def main(argv):
   print()
   print(common.markdown_table(header, table))
   print()
-  spread = {n: f"{min(t_.times_s) / FLAGS.steps * 1e3:.1f}-{max(t_.times_s) / FLAGS.steps * 1e3:.1f}"
-            for n, t_ in timings.items()}
+  ms = lambda x: f"{1e3 * x / FLAGS.steps:.1f}"
+  spread = {n: f"{ms(min(t_.times_s))}-{ms(max(t_.times_s))}" for n, t_ in timings.items()}
   print("step ms range over samples: " + "; ".join(f"{n}: {s}" for n, s in spread.items()))
-  print(f"first call (compile + {FLAGS.steps} steps) s: " +
+  print(f"first call (compile + {FLAGS.steps} step(s)) s: " +
         "; ".join(f"{n}: {t_.first_s:.1f}" for n, t_ in timings.items()))
   print(f"model FLOPs/token = 6 N + 12 L d T = 6 x {n_params:,} + 12 x {base.num_layers} x "
         f"{base.d_model} x {t} = {flops_tok:,.0f} (no causal halving; N without position "

@@ -113,7 +113,8 @@ def test_module_equals_dense_reference_of_its_sets(causal, config, x, pad):
   assert not np.allclose(y, module.apply({"params": params}, x, pad), atol=1e-3)
 
 
-def test_gathered_equals_dense_reference_values_and_gradients():
+@pytest.mark.parametrize("impl", ["gathered", "dense"])
+def test_sampled_attention_equals_dense_reference_values_and_gradients(impl):
   # Example 0 right-padded, example 1 left-padded: its first 3 (causal) queries have no
   # candidate key at all, and output 0.
   pad = jnp.array([[True] * 8 + [False] * 3, [False] * 3 + [True] * 8])
@@ -123,7 +124,7 @@ def test_gathered_equals_dense_reference_values_and_gradients():
   rng = jax.random.key(5)
 
   def gathered(q, kk, v):
-    return dtu_lib.sampled_attention(rng, q, kk, v, cfg, True, pad)
+    return dtu_lib.sampled_attention(rng, q, kk, v, cfg, True, pad, impl=impl)
 
   out, indices, valid = jax.jit(gathered)(q, kk, v)
   chex.assert_shape(out, (B, T, H, HD))
@@ -181,10 +182,11 @@ def test_no_query_sees_the_future(x):
   assert np.all(np.where(np.asarray(valid), np.asarray(indices) <= q_pos, True))
 
 
-def test_own_position_always_kept_and_padding_never(pad):
+@pytest.mark.parametrize("impl", ["gathered", "dense"])
+def test_own_position_always_kept_and_padding_never(pad, impl):
   log_scores = jnp.log(jax.random.uniform(jax.random.key(0), (B, H, T)) + 0.01)
   for seed in range(5):
-    indices, valid = dtu_lib.dtu_sample(jax.random.key(seed), log_scores, 3, True, pad)
+    indices, valid = dtu_lib.dtu_sample(jax.random.key(seed), log_scores, 3, True, pad, impl)
     ii, vv = np.asarray(indices), np.asarray(valid)
     is_self = (ii == np.arange(T)[None, None, :, None]) & vv
     real = np.asarray(pad)[:, None, :]
@@ -210,12 +212,14 @@ def exact_inclusion(weights, keep):
   return prob
 
 
-def test_inclusion_frequency_increases_with_score():
+@pytest.mark.parametrize("impl", ["gathered", "dense"])
+def test_inclusion_frequency_increases_with_score(impl):
   # Keys with scores 1..8, keep 3, 500 x 8 = 4000 independent draws (batch x queries).
   n, keep, batch = 8, 3, 500
   weights = np.arange(1, n + 1)
   log_scores = jnp.broadcast_to(jnp.log(jnp.asarray(weights, jnp.float32)), (batch, 1, n))
-  indices, valid = dtu_lib.dtu_sample(jax.random.key(8), log_scores, keep, causal=False)
+  indices, valid = dtu_lib.dtu_sample(jax.random.key(8), log_scores, keep, causal=False,
+                                      impl=impl)
   assert bool(valid.all())
   counts = np.bincount(np.asarray(indices).ravel(), minlength=n)
   draws = batch * n
@@ -227,6 +231,53 @@ def test_inclusion_frequency_increases_with_score():
   assert np.all(np.abs(freq - exact) < 4 * se), (freq, exact)
   # Not proportional to the score: that would give 3 * 8 / 36 = 0.67 for the top key.
   assert abs(freq[-1] - keep * weights[-1] / weights.sum()) > 6 * se[-1]
+
+
+def sorted_sets(indices, valid):
+  """The sets as sorted index lists, -1 for the unused slots (the slot order is immaterial)."""
+  return np.sort(np.where(np.asarray(valid), np.asarray(indices), -1), axis=-1)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_and_gathered_implementations_agree(causal):
+  # T = 96, keep = 6: 'auto' gathers here (T >= DENSE_BELOW * keep); both must draw the
+  # same sets from the same race keys and give the same attention.
+  b, t, h, hd, keep = 2, 96, 2, 8, 6
+  assert t >= dtu_lib.DENSE_BELOW * keep
+  pad = jnp.arange(t)[None, :] < jnp.array([[t], [70]])
+  q, k, v = (jax.random.normal(key, (b, t, h, hd)) for key in jax.random.split(jax.random.key(0), 3))
+  cfg = DTUConfig(keep=keep, block_q=32)
+  rng = jax.random.key(1)
+  run = jax.jit(lambda impl: dtu_lib.sampled_attention(rng, q, k, v, cfg, causal, pad, impl),
+                static_argnums=0)
+  (out_g, *sets_g), (out_d, *sets_d), (out_a, *_) = run("gathered"), run("dense"), run("auto")
+  np.testing.assert_array_equal(sorted_sets(*sets_g), sorted_sets(*sets_d))
+  np.testing.assert_allclose(out_g, out_d, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(out_a, out_g)
+  log_scores = dtu_lib.dtu_log_scores(k, "key_norm")
+  sample = lambda impl: sorted_sets(*dtu_lib.dtu_sample(rng, log_scores, keep, causal, pad, impl))
+  np.testing.assert_array_equal(sample("gathered"), sample("dense"))
+
+
+@pytest.mark.parametrize("full_steps", [12, 2])
+def test_bisection_selects_the_top_keep_ties_to_the_lowest_index(full_steps):
+  # Small integer race keys: many ties at the keep-th key. 1024 rows > 8 * 64, so rows
+  # left after `full_steps` go through the compacted second bisection.
+  rows, t, keep = 1024, 40, 7
+  race = jax.random.randint(jax.random.key(0), (rows, t), 0, 12).astype(jnp.float32)
+  race = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.1, (rows, t)), -jnp.inf, race)
+  x_lo, x_hi = jnp.zeros(rows), jnp.full(rows, jnp.inf)
+  select = jax.jit(lambda r: dtu_lib._threshold_mask(
+      r, *dtu_lib._sample_threshold(r, x_lo, x_hi, keep, full_steps)))
+  got = np.asarray(select(race))
+  r = np.asarray(race)
+  order = np.argsort(-r, axis=-1, kind="stable")  # descending value, then ascending index
+  want = np.zeros_like(got)
+  for i in range(rows):
+    top = [j for j in order[i, :keep] if r[i, j] > -np.inf]
+    want[i, top] = True
+  np.testing.assert_array_equal(got, want)
+  assert (got.sum(-1) == keep).mean() > 0.9
 
 
 def test_uniform_scores_give_uniform_inclusion():

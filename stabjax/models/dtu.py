@@ -22,10 +22,10 @@ I_i of a3 = `DTUConfig.keep` keys (Alg. 6, eq. 144):
   bisection on the race keys (no sort) and runs a masked softmax over all n keys: plain
   matmuls, faster there than the gathers. Queries go in blocks of `DTUConfig.block_q`
   (`lax.map`), so the per-query race keys (O(n^2) scalars per head) and the gathered
-  keys exist one block at a time; the gathered attention of a block is rematerialised
-  in the backward pass, so what is kept for it is O(n a3) indices, not O(n a3 d)
-  gathered keys. The noise of a query depends only on (key, query position), so the
-  result does not depend on block_q.
+  keys exist one block at a time; the attention of a block is rematerialised in the
+  backward pass, so what is kept for it is O(n a3) indices (gathered) or an n x n bool
+  mask (dense), not gathered keys or float weights. The noise of a query depends only
+  on (key, query position), so the result does not depend on block_q.
 
 Evaluation (`deterministic=True`), `enabled=False`, or a3 >= the sequence length (every
 candidate set then fits) use standard full attention: DTU is a training-time stochastic
@@ -80,9 +80,10 @@ def _candidates(q_pos: jax.Array, t: int, mask: jax.Array | None,
 # avalanche. Two keyed rounds turn (query seeds, key index) into the uniform of one pair.
 _MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B
 # 'auto' computes the sampled attention densely (a masked softmax over all T keys) when
-# T < DENSE_BELOW * keep: there the gather/scatter of keep keys per query costs more
-# than the keys it skips (at T = 8 keep the two are about even on CPU; RESULTS.md).
-DENSE_BELOW = 8
+# T < DENSE_BELOW * keep: there the top-k and the gather/scatter of keep keys per query
+# cost more than the keys they skip (on CPU dense wins at T = 8 keep, gathered at T = 16
+# keep for T >= 2048; benchmarks/RESULTS.md).
+DENSE_BELOW = 12
 # Margin, in standard deviations, of the race-key bounds of `_race_bounds`.
 _SIGMAS = 6.0
 _ABOVE_INF = 0x7F800001  # an int32 race key above every float key, +inf included
@@ -211,9 +212,12 @@ def _bisect(key: jax.Array, state: tuple, keep: int, max_steps: int | None = Non
   return lax.while_loop(cond, step, state + (0,))[:5]
 
 
-def _sample_mask(race: jax.Array, x_lo: jax.Array, x_hi: jax.Array, keep: int,
-                 full_steps: int = 12) -> jax.Array:
-  """bool [..., T]: the top keep race keys per row (every candidate if fewer), exactly.
+def _sample_threshold(race: jax.Array, x_lo: jax.Array, x_hi: jax.Array, keep: int,
+                      full_steps: int = 12) -> tuple[jax.Array, jax.Array]:
+  """The top keep race keys per row (every candidate if fewer), exactly, as (thr, last).
+
+  Row i selects the keys whose int32 pattern is >= thr_i, and of those equal to
+  thr_i - 1 the ones with index <= last_i (-1: none); see `_threshold_mask`.
 
   No sorting: a bisection on the race keys' int32 bit patterns (monotone in the value
   for keys >= 0; -inf is negative) between x_lo and x_hi, one counting pass per step,
@@ -259,10 +263,16 @@ def _sample_mask(race: jax.Array, x_lo: jax.Array, x_hi: jax.Array, keep: int,
     return jnp.sum(rank < (keep - c_hi)[:, None], axis=-1, dtype=jnp.int32)
 
   last = lax.cond(jnp.any(tied), last_tie, lambda: jnp.full(lo.shape, -1, jnp.int32))
-  j = lax.broadcasted_iota(jnp.int32, key.shape, 1)
-  selected = ((key >= jnp.where(tied, hi, lo)[:, None]) |
-              (tied[:, None] & (key == lo[:, None]) & (j <= last[:, None])))
-  return selected.reshape(shape)
+  thr = jnp.where(tied, hi, lo)
+  return thr.reshape(shape[:-1]), jnp.where(tied, last, -1).reshape(shape[:-1])
+
+
+def _threshold_mask(race: jax.Array, thr: jax.Array, last: jax.Array) -> jax.Array:
+  """bool [..., T]: the keys selected by `_sample_threshold`'s (thr, last) [...]."""
+  key = lax.bitcast_convert_type(race, jnp.int32)
+  j = lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
+  return ((key >= thr[..., None]) |
+          ((key == thr[..., None] - 1) & (j <= last[..., None])))
 
 
 def _sets_from_mask(race: jax.Array, selected: jax.Array, keep: int
@@ -289,7 +299,8 @@ def _sample_block(rng: jax.Array, log_scores: jax.Array, q_pos: jax.Array,
   x_lo, x_hi = _race_bounds(log_scores, q_pos, mask, causal, keep)
   if _impl(impl, t, keep) == "gathered":
     return _sample_top_k(race, x_lo, keep)
-  return _sets_from_mask(race, _sample_mask(race, x_lo, x_hi, keep), keep)
+  selected = _threshold_mask(race, *_sample_threshold(race, x_lo, x_hi, keep))
+  return _sets_from_mask(race, selected, keep)
 
 
 def dtu_sample(rng: jax.Array, log_scores: jax.Array, keep: int, causal: bool,
@@ -377,10 +388,11 @@ def sampled_attention(rng: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
   with `return_sets=False`, which spares the dense implementation a top-k).
 
   `impl`: 'gathered' samples with a top-k and gathers the keep keys/values of each
-  query (O(T keep Dh), SPEC 4); 'dense' samples with a bisection (`_sample_mask`) and
-  computes the same softmax over the same sets as a masked softmax over all T keys
+  query (O(T keep Dh), SPEC 4); 'dense' samples with a bisection (`_sample_threshold`)
+  and computes the same softmax over the same sets as a masked softmax over all T keys
   (O(T^2 Dh), but plain matmuls); 'auto' takes 'dense' when T < DENSE_BELOW * keep,
-  where the gathers cost more than the keys they skip.
+  where the top-k and the gathers cost more than the keys they skip. The two select
+  the same sets but for float ties at the keep-th key (lowest index wins in 'dense').
   """
   b, t, h, hd = q.shape
   keep = min(config.keep, t)
@@ -391,10 +403,13 @@ def sampled_attention(rng: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
   qt, kt, vt = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, T, Dh]
   qt = jnp.pad(qt, ((0, 0), (0, 0), (0, num_blocks * block - t), (0, 0)))
   q_blocks = qt.reshape(b, h, num_blocks, block, hd).transpose(2, 0, 1, 3, 4)
-  # The gathered attention is rematerialised in the backward pass, so only indices are
-  # kept for it, not gathered keys. The dense one is not: it keeps [Q, T] weights like
-  # the full attention it replaces, and recomputing them would cost a third of it.
-  attend = jax.checkpoint(gathered_attention) if impl == "gathered" else masked_attention
+  # Rematerialised in the backward pass: what is kept for a block is its indices
+  # (gathered: 5 bytes per kept key) or its bool set mask (dense: 1 byte per key, a
+  # quarter of the float weights the full attention keeps), not gathered keys or [Q, T]
+  # float weights. (Rebuilding the mask from a threshold per query instead would keep
+  # O(Q) numbers but recompute the race keys: 3% slower steps on CPU.)
+  attend_gathered = jax.checkpoint(gathered_attention)
+  attend_dense = jax.checkpoint(masked_attention)
 
   def one_block(args):
     q_blk, start = args
@@ -403,9 +418,9 @@ def sampled_attention(rng: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
     x_lo, x_hi = _race_bounds(log_scores, q_pos, mask, causal, keep)
     if impl == "gathered":
       indices, valid = _sample_top_k(race, x_lo, keep)
-      return attend(q_blk, kt, vt, indices, valid), indices, valid
-    selected = _sample_mask(race, x_lo, x_hi, keep)
-    out = attend(q_blk, kt, vt, selected)
+      return attend_gathered(q_blk, kt, vt, indices, valid), indices, valid
+    selected = _threshold_mask(race, *_sample_threshold(race, x_lo, x_hi, keep))
+    out = attend_dense(q_blk, kt, vt, selected)
     if not return_sets:
       return out, None, None
     indices, valid = _sets_from_mask(race, selected, keep)
