@@ -267,8 +267,7 @@ def test_bisection_selects_the_top_keep_ties_to_the_lowest_index(full_steps):
   race = jax.random.randint(jax.random.key(0), (rows, t), 0, 12).astype(jnp.float32)
   race = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.1, (rows, t)), -jnp.inf, race)
   x_lo, x_hi = jnp.zeros(rows), jnp.full(rows, jnp.inf)
-  select = jax.jit(lambda r: dtu_lib._threshold_mask(
-      r, *dtu_lib._sample_threshold(r, x_lo, x_hi, keep, full_steps)))
+  select = jax.jit(lambda r: dtu_lib._sample_mask(r, x_lo, x_hi, keep, full_steps))
   got = np.asarray(select(race))
   r = np.asarray(race)
   order = np.argsort(-r, axis=-1, kind="stable")  # descending value, then ascending index

@@ -275,6 +275,12 @@ def _threshold_mask(race: jax.Array, thr: jax.Array, last: jax.Array) -> jax.Arr
           ((key == thr[..., None] - 1) & (j <= last[..., None])))
 
 
+def _sample_mask(race: jax.Array, x_lo: jax.Array, x_hi: jax.Array, keep: int,
+                 full_steps: int = 12) -> jax.Array:
+  """bool [..., T]: the top keep race keys per row (every candidate if fewer), exactly."""
+  return _threshold_mask(race, *_sample_threshold(race, x_lo, x_hi, keep, full_steps))
+
+
 def _sets_from_mask(race: jax.Array, selected: jax.Array, keep: int
                     ) -> tuple[jax.Array, jax.Array]:
   """(indices, valid) [..., keep] of the keys in a set mask (the order is immaterial)."""
@@ -299,7 +305,7 @@ def _sample_block(rng: jax.Array, log_scores: jax.Array, q_pos: jax.Array,
   x_lo, x_hi = _race_bounds(log_scores, q_pos, mask, causal, keep)
   if _impl(impl, t, keep) == "gathered":
     return _sample_top_k(race, x_lo, keep)
-  selected = _threshold_mask(race, *_sample_threshold(race, x_lo, x_hi, keep))
+  selected = _sample_mask(race, x_lo, x_hi, keep)
   return _sets_from_mask(race, selected, keep)
 
 
@@ -419,7 +425,7 @@ def sampled_attention(rng: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
     if impl == "gathered":
       indices, valid = _sample_top_k(race, x_lo, keep)
       return attend_gathered(q_blk, kt, vt, indices, valid), indices, valid
-    selected = _threshold_mask(race, *_sample_threshold(race, x_lo, x_hi, keep))
+    selected = _sample_mask(race, x_lo, x_hi, keep)
     out = attend_dense(q_blk, kt, vt, selected)
     if not return_sets:
       return out, None, None
