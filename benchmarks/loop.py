@@ -9,7 +9,8 @@ over two fresh runs of `train_and_evaluate` (synthetic data, evaluation, checkpo
 the generation metrics only at the end, so they cancel; XLA's persistent compilation
 cache makes the second compile of the same step a cache hit). The baseline is the bare
 step: consecutive `trainer.train_step` calls on one device-resident batch, ended by
-`block_until_ready`. Rounds (bare, short run, long run) repeat --repeats times; medians.
+`block_until_ready`. Rounds (bare, short run, long run) repeat --repeats times
+(`benchmarks.common.time_interleaved`); medians.
 
   python benchmarks/loop.py                 # gpt2_tiny, batch 8 x 64
 """
@@ -20,7 +21,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 from absl import app, flags, logging
 
@@ -66,29 +66,26 @@ def main(argv):
   batch = trainer.put_batch(next(make_iterator(dataset, "train", b, 0)))
   neg_log_freq = jnp.asarray(dataset.neg_log_freq, jnp.float32)
 
-  def bare() -> float:
+  def bare():
     state = holder["state"]
-    t0 = time.perf_counter()
-    for _ in range(FLAGS.extra_steps):
+    for _ in range(FLAGS.extra_steps):  # the step donates its state: thread it through
       state, metrics = trainer.train_step(state, batch, neg_log_freq)
-    jax.block_until_ready(metrics)
     holder["state"] = state
-    return (time.perf_counter() - t0) / FLAGS.extra_steps
+    return metrics
 
-  def wall(steps: int) -> float:
+  def run(steps: int) -> None:
     with tempfile.TemporaryDirectory() as workdir:
-      t0 = time.perf_counter()
       train_and_evaluate(run_config(steps), workdir, dataset, show_progress=False)
-      return time.perf_counter() - t0
 
   print(f"# {model.name}, batch {b} x seq {t}; {common.machine_description()}")
-  bare()  # compile
-  wall(FLAGS.steps)  # fills the compilation cache
-  samples: dict[str, list[float]] = {"bare step": [], "train_and_evaluate": []}
-  for _ in range(FLAGS.repeats):
-    samples["bare step"].append(bare())
-    short, long = wall(FLAGS.steps), wall(FLAGS.steps + FLAGS.extra_steps)
-    samples["train_and_evaluate"].append((long - short) / FLAGS.extra_steps)
+  # The warm-up call compiles the bare step and fills the compilation cache for the runs.
+  timings = common.time_interleaved(
+      {"bare": bare, "short": lambda: run(FLAGS.steps),
+       "long": lambda: run(FLAGS.steps + FLAGS.extra_steps)}, repeats=FLAGS.repeats)
+  samples = {
+      "bare step": [x / FLAGS.extra_steps for x in timings["bare"].times_s],
+      "train_and_evaluate": [(lo - sh) / FLAGS.extra_steps for sh, lo in
+                             zip(timings["short"].times_s, timings["long"].times_s)]}
   base = statistics.median(samples["bare step"])
   rows = [[name, f"{1e3 * statistics.median(s):.2f}",
            f"{1e3 * min(s):.2f}-{1e3 * max(s):.2f}", f"{statistics.median(s) / base:.3f}x"]
