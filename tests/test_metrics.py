@@ -22,6 +22,12 @@ def test_words_lowercase_letter_apostrophe_runs():
   assert M.words("-- 42 --") == []
 
 
+def test_one_word_tokenizer_for_metrics_and_training_counts():
+  # The training word counts (top-K words) and the metrics must split text identically.
+  from stabjax.data import text_words
+  assert text_words is M.words
+
+
 def test_top_k_words_ties_alphabetical_and_short_counter():
   c = collections.Counter({"b": 2, "a": 2, "c": 3, "d": 1, "e": 2})
   assert M.top_k_words(c, 3) == ["c", "a", "b"]
@@ -50,19 +56,45 @@ def test_unigram_entropy_hand_and_edges():
   assert math.isnan(M.unigram_entropy([]))
 
 
-def test_unigram_kl_add_one_over_union_vocab():
+def test_unigram_kl_smooths_only_the_training_side():
   gen = collections.Counter({"a": 3, "b": 1})
-  train = collections.Counter({"a": 1, "c": 5})
-  # Union vocab {a, b, c}: gen +1 -> [4, 2, 1] / 7, train +1 -> [2, 1, 6] / 9.
-  p = np.array([4, 2, 1]) / 7
-  q = np.array([2, 1, 6]) / 9
-  want = float(np.sum(p * np.log(p / q)))
+  train = collections.Counter({"a": 4, "c": 5})
+  # P_gen = (3/4, 1/4) on {a, b}, unsmoothed. V = {a, b, c}, N_train = 9, s = 0.5:
+  # P_train(a) = 4.5 / 10.5, P_train(b) = 0.5 / 10.5 (b is unseen in training).
+  want = 0.75 * math.log(0.75 / (4.5 / 10.5)) + 0.25 * math.log(0.25 / (0.5 / 10.5))
+  assert want == pytest.approx(0.8342689, abs=1e-7)
   assert M.unigram_kl(gen, train) == pytest.approx(want, abs=1e-12)
-  from_words = M.unigram_kl(["a", "a", "a", "b"], ["a", "c", "c", "c", "c", "c"])
+  from_words = M.unigram_kl(["a", "b", "a", "a"], ["c", "a", "c", "a", "c", "a", "c", "a", "c"])
   assert from_words == pytest.approx(want, abs=1e-12)
-  assert M.unigram_kl(train, train) == pytest.approx(0.0, abs=1e-15)
-  assert M.unigram_kl(gen, train) > 0
+  # s = 1: denominators 9 + 3 = 12.
+  want1 = 0.75 * math.log(0.75 / (5 / 12)) + 0.25 * math.log(0.25 / (1 / 12))
+  assert M.unigram_kl(gen, train, smoothing=1.0) == pytest.approx(want1, abs=1e-12)
+  # Zero counts are not words: they neither enter V nor the sum.
+  assert M.unigram_kl({**gen, "z": 0}, {**train, "y": 0}) == pytest.approx(want, abs=1e-12)
   assert math.isnan(M.unigram_kl({}, train))
+  with pytest.raises(ValueError):
+    M.unigram_kl(gen, train, smoothing=0.0)
+
+
+def test_unigram_kl_moves_with_the_generations():
+  # A training corpus with count(w_r) = round(10000 / r) over 200 words.
+  names = [a + b for a in "abcdefghij" for b in "abcdefghijklmnopqrst"]
+  train = collections.Counter({w: round(10000 / r) for r, w in enumerate(names, 1)})
+  p = np.array([train[w] for w in names], np.float64)
+  p /= p.sum()
+  # Distributed exactly like training: only the smoothing (s |V| = 100 of ~59k) is left.
+  assert M.unigram_kl(train, train) == pytest.approx(0.0, abs=1e-4)
+  assert M.unigram_kl({w: 3 * c for w, c in train.items()}, train) == pytest.approx(0.0, abs=1e-4)
+  # Collapsed onto the most frequent word: KL = -log P_train(w_1) (smoothing aside).
+  collapsed = M.unigram_kl([names[0]] * 1000, train)
+  assert collapsed == pytest.approx(-math.log(p[0]), abs=0.01)
+  assert collapsed == pytest.approx(1.7711, abs=0.01)
+  # 1000 words sampled from the training distribution: a small finite-sample KL
+  # (0.100-0.119 over seeds 0-4), far below the collapsed one; four words each 250 times
+  # lie between.
+  sampled = M.unigram_kl(list(np.random.default_rng(0).choice(names, size=1000, p=p)), train)
+  four = M.unigram_kl(names[:4] * 250, train)
+  assert 0.05 < sampled < 0.2 < 1.0 < four < collapsed
 
 
 # ---------------------------------------------------------------- Zipf
@@ -359,8 +391,14 @@ def test_lemma_4_2_identity_on_constructed_example():
   assert M.support_mass(np.log(p_emp)) == pytest.approx(1.0, abs=1e-12)
   want_mass = sum(math.exp(model[s]) for s in uniq)
   assert M.support_mass(model_logp) == pytest.approx(want_mass, abs=1e-12)
+  # The summary dict holds the same values, checked against the independent ones above
+  # (not against its own entries: mle_loss = forward_kl + entropy holds by construction).
   out = M.synthetic_metrics(p_emp, model_logp)
-  assert out["mle_loss"] == pytest.approx(out["forward_kl"] + out["empirical_entropy"], abs=1e-12)
+  assert out["mle_loss"] == pytest.approx(mean_nll, abs=1e-12)
+  assert out["forward_kl"] == pytest.approx(want_kl, abs=1e-12)
+  assert out["empirical_entropy"] == pytest.approx(-np.sum(q * np.log(q)), abs=1e-12)
+  assert out["support_mass"] == pytest.approx(want_mass, abs=1e-12)
+  assert "model_entropy" not in out
 
 
 def test_forward_kl_edges():
@@ -447,20 +485,116 @@ def test_summarize_text_metrics_matches_components():
   gen_texts = ["The the the the.", "Cat on the mat, the end!", ""]
   gen_tokens = [[9, 9, 9, 9], [1, 2, 3, 1, 2, 3], []]
   ref = ["The dog of the day.", "A cat!"]
-  out = M.summarize_text_metrics(gen_texts, gen_tokens, train, ref, k=2, ngram_orders=(1, 2))
-  top = M.top_k_words(train, 2)
-  assert top == ["the", "of"]
+  out = M.summarize_text_metrics(gen_texts, gen_tokens, train, ref, k=2, ngram_orders=(1, 2),
+                                 hf_ks=(1, 3))
+  top = M.top_k_words(train, 3)
+  assert top == ["the", "of", "cat"]  # the: 4, of: 2, then the 1-count words alphabetically
   gw = ["the"] * 4 + ["cat", "on", "the", "mat", "the", "end"]
   assert out["hf_proportion"] == pytest.approx(6 / 10)
   assert out["hf_proportion_reference"] == pytest.approx(3 / 7)  # the, of, the / 7 words
-  assert out["num_words"] == 10 and out["num_generations"] == 3 and out["num_words_reference"] == 7
+  assert out["hf_proportion_k1"] == pytest.approx(6 / 10)
+  assert out["hf_proportion_k3"] == pytest.approx(7 / 10)
+  assert out["hf_proportion_k1_reference"] == pytest.approx(2 / 7)
+  assert out["hf_proportion_k3_reference"] == pytest.approx(4 / 7)
+  assert "hf_proportion_k2" not in out and "hf_proportion_k20" not in out
+  assert out["num_words"] == 10 and out["num_generations"] == 3
   assert out["unigram_entropy"] == pytest.approx(M.unigram_entropy(gw))
   assert out["unigram_kl"] == pytest.approx(M.unigram_kl(collections.Counter(gw), train))
   assert out["zipf"] == pytest.approx(M.zipf_coefficient(gw))
   assert out["distinct_2"] == pytest.approx(M.distinct_n([gw[:4], gw[4:]], 2))
   assert out["seq_rep_1"] == pytest.approx(np.mean([0.75, 0.5]))
   assert out["repetition_share"] == pytest.approx(1 / 3)
+  # 7 reference words < 10 generated: the whole reference, as its documents, once.
+  assert out["num_words_reference"] == 7
+  assert out["distinct_1_reference"] == pytest.approx(6 / 7)
+  assert out["distinct_2_reference"] == pytest.approx(5 / 5)  # 4 + 1 bigrams, all distinct
   assert all(isinstance(v, float) for v in out.values())
   no_tokens = M.summarize_text_metrics(gen_texts, None, train, None, k=2)
   assert "seq_rep_1" not in no_tokens and "hf_proportion_reference" not in no_tokens
   assert no_tokens["hf_proportion"] == out["hf_proportion"]
+  # Default Ks 10, 20, 50, 100: all exceed the 9 training words, so every generated word
+  # counts; "dog" and "a" of the reference are not training words.
+  default = M.summarize_text_metrics(gen_texts, None, train, ref)
+  for kk in (10, 20, 50, 100):
+    assert default[f"hf_proportion_k{kk}"] == 1.0
+    assert default[f"hf_proportion_k{kk}_reference"] == pytest.approx(5 / 7)
+  assert default["hf_proportion"] == default["hf_proportion_k20"]
+
+
+def test_summarize_reference_windows_stay_inside_documents():
+  # 40 reference documents, document i = its own word five times. Four generations of 5
+  # words: each pseudo-generation must be one whole document, so the reference side is
+  # 4 words x 5 whatever the subsample. A window across two documents would mix two
+  # words and raise distinct-1 above 4/20.
+  names = [a + b for a in "abcd" for b in "abcdefghij"]
+  ref = [" ".join([w] * 5) for w in names]
+  train = collections.Counter(w for t in ref for w in M.words(t))  # each word 5 times
+  gens = ["one two three four five"] * 3 + ["six seven eight nine ten"]
+  out = M.summarize_text_metrics(gens, None, train, ref, ngram_orders=(1, 2, 3))
+  assert out["num_words_reference"] == 20 == out["num_words"]
+  assert out["distinct_1_reference"] == pytest.approx(4 / 20, abs=1e-12)
+  assert out["distinct_2_reference"] == pytest.approx(4 / 16, abs=1e-12)
+  assert out["distinct_3_reference"] == pytest.approx(4 / 12, abs=1e-12)
+  assert out["unigram_entropy_reference"] == pytest.approx(math.log(4), abs=1e-12)
+  assert out["zipf_reference"] == pytest.approx(0.0, abs=1e-12)  # four equal counts
+  # P_ref = 1/4 on four words; P_train = (5 + 0.5) / (200 + 0.5 * 40) = 0.025 each.
+  assert out["unigram_kl_reference"] == pytest.approx(math.log(0.25 / 0.025), abs=1e-12)
+  # The high-frequency proportion still uses all 200 reference words: the top 20 of 40
+  # equally frequent training words are the first 20 names (ties alphabetical), 100 words.
+  assert out["hf_proportion_reference"] == pytest.approx(100 / 200)
+
+
+def test_summarize_reference_equal_to_generations_gives_equal_values():
+  # Reference = the generations (shuffled): as many words, and documents of exactly the
+  # generations' lengths, so every cut is the generations themselves and each size-matched
+  # reference metric must equal the generated one.
+  train = collections.Counter(M.words("the cat sat on the mat and the dog sat on the log"))
+  gens = ["the cat sat on the mat", "a dog a dog a dog a", "of the day", "",
+          "the end of the story it was the end", "cat"]
+  ref = [gens[i] for i in (4, 2, 0, 5, 3, 1)]
+  out = M.summarize_text_metrics(gens, None, train, ref, k=3, seed=7)
+  assert out["num_words_reference"] == out["num_words"] == 26
+  for key in ("unigram_entropy", "unigram_kl", "zipf", "distinct_1", "distinct_2",
+              "distinct_3", "distinct_4", "hf_proportion", "hf_proportion_k10"):
+    assert out[f"{key}_reference"] == pytest.approx(out[key], abs=1e-12), key
+
+
+def _letter_names(n):
+  return ["".join(t) for t in itertools.product("abcdefghijklmnopqrstuvwxyz", repeat=3)][:n]
+
+
+def test_summarize_reference_is_size_matched_and_seeded():
+  # Generations and reference drawn i.i.d. from the same Zipf(1.1) law over 2000 words:
+  # 64 x 17 = 1088 generated words, 1000 x 20 = 20000 reference words. The size-matched
+  # reference values agree with the generated ones; computed on all 20000 reference words
+  # they would not (more types per word seen, fewer distinct per total). Over seeds 0-7
+  # the |generated - reference| gaps stayed under 0.026 (distinct-1), 0.04 (distinct-2),
+  # 0.015 (KL), 0.04 (Zipf); the full-reference gaps were over 0.2, 0.25, 0.45, 0.3.
+  names = _letter_names(2000)
+  p = np.arange(1, 2001, dtype=np.float64)**-1.1
+  p /= p.sum()
+  train = collections.Counter({w: round(1e6 * pi) for w, pi in zip(names, p)})
+  rng = np.random.default_rng(0)
+  texts = lambda n, length: [" ".join(rng.choice(names, size=length, p=p)) for _ in range(n)]
+  gens, ref = texts(64, 17), texts(1000, 20)
+  out = M.summarize_text_metrics(gens, None, train, ref)
+  assert out["num_words_reference"] == out["num_words"] == 1088
+  ref_words = [t.split() for t in ref]
+  flat = [w for ws in ref_words for w in ws]
+  full = {"distinct_1": len(set(flat)) / len(flat),
+          "distinct_2": len({g for ws in ref_words for g in zip(ws, ws[1:])}) / (19 * 1000),
+          "unigram_kl": M.unigram_kl(flat, train), "zipf": M.zipf_coefficient(flat)}
+  for key, tol in (("distinct_1", 0.05), ("distinct_2", 0.06), ("unigram_kl", 0.05),
+                   ("zipf", 0.08)):
+    assert out[f"{key}_reference"] == pytest.approx(out[key], abs=tol), key
+    assert abs(full[key] - out[key]) > 3 * tol, key
+  # Deterministic for a seed; another seed or number of subsamples gives other cuts.
+  again = M.summarize_text_metrics(gens, None, train, ref)
+  assert again == out
+  other = M.summarize_text_metrics(gens, None, train, ref, seed=1)
+  one = M.summarize_text_metrics(gens, None, train, ref, num_subsamples=1)
+  for d in (other, one):
+    assert d["distinct_1_reference"] != out["distinct_1_reference"]
+    assert d["hf_proportion_reference"] == out["hf_proportion_reference"]  # all words
+  with pytest.raises(ValueError):
+    M.summarize_text_metrics(gens, None, train, ref, num_subsamples=0)

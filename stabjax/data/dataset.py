@@ -33,7 +33,6 @@ import importlib
 import itertools
 import json
 import os
-import re
 import shutil
 import tempfile
 import uuid
@@ -46,21 +45,18 @@ import numpy as np
 from stabjax.data import synthetic as synthetic_lib
 from stabjax.data import tokenizer as tokenizer_lib
 from stabjax.data.spec import DataConfig, DataError, DataSpec
+# The one word tokenizer (SPEC 9), shared with stabjax.metrics; `text_words` is its
+# name here.
+from stabjax.words import words as text_words
 
 SPLITS: tuple[str, ...] = ("train", "validation")
 # Bump when the layout or the meaning of cached files changes.
 CACHE_FORMAT = 1
-WORD_RE = re.compile(r"[a-z']+")
 # Lines of training text the tokenizer is trained on (the first ones, deterministic).
 TOKENIZER_MAX_LINES = 2_000_000
 _READ_CHUNK = 1024
 TFDS_TEXT_CATEGORIES = ("text", "summarization", "translate", "question_answering",
                         "text_simplification")
-
-
-def text_words(text: str) -> list[str]:
-  """Words as SPEC 9 defines them: the [a-z']+ runs of the lowercased text."""
-  return WORD_RE.findall(text.lower())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -17,21 +17,13 @@ from __future__ import annotations
 
 import collections
 import math
-import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-_WORD_RE = re.compile(r"[a-z']+")
-
-
-def words(text: str) -> list[str]:
-  """Lowercase `[a-z']+` runs of `text` (SPEC 9).
-
-  Taken literally, so a lone apostrophe (a quotation mark) is a word of its own and
-  letters outside a-z (digits, accented letters) split words.
-  """
-  return _WORD_RE.findall(text.lower())
+# The one word tokenizer (SPEC 9), defined in stabjax/words.py so that stabjax.data (the
+# training word counts) shares it without importing JAX; re-exported as `words` here.
+from stabjax.words import words
 
 
 def _counts(items: Iterable[Hashable] | Mapping[Hashable, int]) -> Mapping[Hashable, int]:
@@ -84,20 +76,37 @@ def unigram_entropy(items: Iterable[Hashable] | Mapping[Hashable, int]) -> float
 
 
 def unigram_kl(generated_counts: Mapping[Hashable, int] | Iterable[Hashable],
-               train_counts: Mapping[Hashable, int] | Iterable[Hashable]) -> float:
+               train_counts: Mapping[Hashable, int] | Iterable[Hashable],
+               smoothing: float = 0.5) -> float:
   """d(P_gen || P_train) in nats over unigram word distributions (SPEC 9).
 
-  Both distributions are add-one smoothed over the union vocabulary V of the two:
-  p(w) = (c_gen(w) + 1) / (N_gen + |V|), q(w) = (c_train(w) + 1) / (N_train + |V|).
-  `nan` when there are no generated words.
+  P_gen is the empirical distribution of the generated words, not smoothed; only the
+  training side is, with s = `smoothing` over the union vocabulary V = V_train | V_gen:
+
+    P_gen(w) = c_gen(w) / N_gen,   P_train(w) = (c_train(w) + s) / (N_train + s |V|),
+    KL = sum over w with c_gen(w) > 0 of P_gen(w) log(P_gen(w) / P_train(w)).
+
+  Smoothing the generated side too (add-one over V, as this did before) buries ~1k
+  generated words under ~12k pseudo-counts and flattens the metric. P_train needs it, so
+  that a generated word the training corpus lacks costs log(P_gen(w) (N_train + s |V|)
+  / s) instead of infinity. s = 0.5 (add-half, the Krichevsky-Trofimov estimator) rather
+  than 1 because the pseudo-counts then take s |V| / (N_train + s |V|) = 3% of P_train
+  instead of 6% on tinyshakespeare (~184k training words, ~12.6k types), and an unseen
+  word (s) stays below a word seen once (1 + s), by a factor 3. `nan` when there are no
+  generated words.
   """
+  if not smoothing > 0:
+    raise ValueError(f"smoothing must be > 0 (else an unseen word gives inf), got {smoothing}")
   gen, train = _counts(generated_counts), _counts(train_counts)
-  if sum(gen.values()) == 0:
+  n_gen = sum(gen.values())
+  if n_gen == 0:
     return math.nan
-  vocab = sorted(set(gen) | set(train), key=repr)
-  g = np.array([gen.get(w, 0) for w in vocab], np.float64) + 1.0
-  t = np.array([train.get(w, 0) for w in vocab], np.float64) + 1.0
-  p, q = g / g.sum(), t / t.sum()
+  n_train = sum(train.values())
+  support = [w for w, c in gen.items() if c > 0]
+  vocab_size = len({w for w, c in train.items() if c > 0} | set(support))
+  p = np.array([gen[w] for w in support], np.float64) / n_gen
+  q = (np.array([train.get(w, 0) for w in support], np.float64) + smoothing) \
+      / (n_train + smoothing * vocab_size)
   return float((p * (np.log(p) - np.log(q))).sum())
 
 
@@ -211,6 +220,49 @@ def repetition_share(generations: Iterable[Sequence[Hashable]], max_phrase_len: 
   return sum(flags) / len(flags) if flags else math.nan
 
 
+def _reference_windows(doc_words: Sequence[Sequence[str]], lengths: Sequence[int],
+                       rng: np.random.Generator) -> list[list[str]]:
+  """One pseudo-generation per length: non-overlapping contiguous runs of reference words.
+
+  Each window is drawn uniformly among the places still free that lie inside one
+  document, longest first (so that short windows do not break up the room long ones
+  need), so its n-grams are n-grams of real text. A window that no free place inside a
+  document can hold may cross a document boundary; one that no free place at all can
+  hold (free words too fragmented) may overlap another. Needs sum(lengths) <= the
+  number of reference words.
+  """
+  stream = [w for ws in doc_words for w in ws]
+  doc = np.repeat(np.arange(len(doc_words)), [len(ws) for ws in doc_words])
+  used = np.zeros(len(stream), bool)
+  out = []
+  for n in sorted((n for n in lengths if n > 0), reverse=True):
+    starts = np.arange(len(stream) - n + 1)
+    used_before = np.concatenate([[0], np.cumsum(used)])
+    free = used_before[starts + n] == used_before[starts]
+    ok = free & (doc[starts] == doc[starts + n - 1])
+    if not ok.any():
+      ok = free if free.any() else np.ones_like(free)
+    start = int(rng.choice(np.flatnonzero(ok)))
+    used[start:start + n] = True
+    out.append(stream[start:start + n])
+  return out
+
+
+def _size_dependent(words_per_text: Sequence[Sequence[str]],
+                    train_word_counter: Mapping[str, int], ngram_orders: Sequence[int],
+                    zipf_top: int) -> dict[str, float]:
+  """The metrics whose value depends on the number of words they are computed on."""
+  counts = collections.Counter(w for ws in words_per_text for w in ws)
+  out = {
+      "unigram_entropy": unigram_entropy(counts),
+      "unigram_kl": unigram_kl(counts, train_word_counter),
+      "zipf": zipf_coefficient(counts, zipf_top),
+  }
+  for n in ngram_orders:
+    out[f"distinct_{n}"] = distinct_n(words_per_text, n)
+  return out
+
+
 def summarize_text_metrics(generated_texts: Sequence[str],
                            generated_token_lists: Sequence[Sequence[int]] | None,
                            train_word_counter: Mapping[str, int],
@@ -218,7 +270,10 @@ def summarize_text_metrics(generated_texts: Sequence[str],
                            k: int = 20,
                            ngram_orders: Sequence[int] = (1, 2, 3, 4),
                            zipf_top: int = 5000,
-                           max_phrase_len: int = 90) -> dict[str, float]:
+                           max_phrase_len: int = 90,
+                           hf_ks: Sequence[int] = (10, 20, 50, 100),
+                           num_subsamples: int = 8,
+                           seed: int = 0) -> dict[str, float]:
   """The text metrics of one run as a flat dict of floats (SPEC 9).
 
   Args:
@@ -229,28 +284,46 @@ def summarize_text_metrics(generated_texts: Sequence[str],
       and the KL reference).
     reference_texts: held-out human text (validation split); every report shows the
       high-frequency proportion on it beside the generated one (SPEC 9).
-    k: number of top training words for the high-frequency proportion.
+    k: number of top training words for the headline high-frequency proportion
+      (`hf_proportion`).
     ngram_orders: n for distinct-n (words) and seq-rep-n (tokens).
     zipf_top: ranks used by the Zipf fit.
     max_phrase_len: longest loop phrase for the repetition share.
+    hf_ks: the K of the extra high-frequency proportions `hf_proportion_k{K}`.
+    num_subsamples: reference subsamples the size-matched reference metrics average over.
+    seed: seed of those subsamples (the same seed gives the same values).
 
-  Reference-text keys end in `_reference`. Length, generative entropy, effective rank
-  and perplexity need model outputs and are computed by the caller (generation.py).
+  Reference-text keys end in `_reference`. Distinct-n, unigram entropy, unigram KL and
+  the Zipf coefficient depend on the number of words (a larger sample has more types
+  and fewer distinct n-grams per n-gram), so on the reference they are computed on as
+  many words as the generations hold: the reference is cut into pseudo-generations of
+  the generations' word counts, contiguous runs of one document at random places
+  (`_reference_windows`), and the values are averaged over `num_subsamples` such cuts;
+  `num_words_reference` is the words in one cut. With fewer reference words than
+  generated ones the whole reference is used once, as its documents, and
+  `num_words_reference` < `num_words` shows it. The high-frequency proportions are
+  proportions, with no size bias, and use every reference word. Length, generative
+  entropy, effective rank and perplexity need model outputs and are computed by the
+  caller (generation.py).
   """
+  if num_subsamples < 1:
+    raise ValueError(f"num_subsamples must be >= 1, got {num_subsamples}")
   gen_words_per_text = [words(t) for t in generated_texts]
   gen_words = [w for ws in gen_words_per_text for w in ws]
-  gen_counts = collections.Counter(gen_words)
-  top = top_k_words(train_word_counter, k)
+  tops = {kk: top_k_words(train_word_counter, kk) for kk in {k, *hf_ks}}
+
+  def hf(ws: Sequence[str], suffix: str) -> dict[str, float]:
+    res = {f"hf_proportion{suffix}": high_freq_proportion(ws, tops[k])}
+    res.update({f"hf_proportion_k{kk}{suffix}": high_freq_proportion(ws, tops[kk])
+                for kk in hf_ks})
+    return res
+
   out: dict[str, float] = {
       "num_generations": float(len(generated_texts)),
       "num_words": float(len(gen_words)),
-      "hf_proportion": high_freq_proportion(gen_words, top),
-      "unigram_entropy": unigram_entropy(gen_counts),
-      "unigram_kl": unigram_kl(gen_counts, train_word_counter),
-      "zipf": zipf_coefficient(gen_counts, zipf_top),
+      **hf(gen_words, ""),
+      **_size_dependent(gen_words_per_text, train_word_counter, ngram_orders, zipf_top),
   }
-  for n in ngram_orders:
-    out[f"distinct_{n}"] = distinct_n(gen_words_per_text, n)
   if generated_token_lists is not None:
     for n in ngram_orders:
       out[f"seq_rep_{n}"] = seq_rep_n(generated_token_lists, n)
@@ -258,12 +331,15 @@ def summarize_text_metrics(generated_texts: Sequence[str],
   if reference_texts is not None:
     ref_words_per_text = [words(t) for t in reference_texts]
     ref_words = [w for ws in ref_words_per_text for w in ws]
-    ref_counts = collections.Counter(ref_words)
-    out["num_words_reference"] = float(len(ref_words))
-    out["hf_proportion_reference"] = high_freq_proportion(ref_words, top)
-    out["unigram_entropy_reference"] = unigram_entropy(ref_counts)
-    out["unigram_kl_reference"] = unigram_kl(ref_counts, train_word_counter)
-    out["zipf_reference"] = zipf_coefficient(ref_counts, zipf_top)
-    for n in ngram_orders:
-      out[f"distinct_{n}_reference"] = distinct_n(ref_words_per_text, n)
+    out.update(hf(ref_words, "_reference"))
+    lengths = [len(ws) for ws in gen_words_per_text]
+    if len(ref_words) < sum(lengths):
+      cuts = [ref_words_per_text]
+    else:
+      rng = np.random.default_rng(seed)
+      cuts = [_reference_windows(ref_words_per_text, lengths, rng) for _ in range(num_subsamples)]
+    out["num_words_reference"] = float(sum(len(ws) for ws in cuts[0]))
+    values = [_size_dependent(c, train_word_counter, ngram_orders, zipf_top) for c in cuts]
+    for name in values[0]:
+      out[f"{name}_reference"] = float(np.mean([v[name] for v in values]))
   return out
