@@ -28,6 +28,30 @@ A training set is a finite draw of n sequences (seeded), so high-probability seq
 repeat: P_emp has support S_0 of K <= n distinct sequences with Zipf-like mass, and
 `empirical` returns S_0, P_emp and H(P_emp) for the metrics (paper eq. 6, Lemma 4.2:
 mean NLL of the training set = d_KL(P_emp || P_theta) + H(P_emp)).
+
+The default language (`DataConfig`: 1020 words = vocab_size 1024, Zipf exponent 0.7,
+concentration 2, p_eos 0.15) is chosen so that its top 20 words carry about 27% of the
+text, like English (27-31%): the paper's core metric, the share of generated words among
+the top-20 training words, then has room to move both ways (the former default, 60 words
+at s = 1.1, put 90% of held-out text on its top 20, leaving the metric 10 points to rise).
+The text's word shares are the chain's, not the unigram's: sparse rows (small
+concentration) fall into loops among frequent words, so the top 20 carry 23% of first
+words but about 28% of all words. Measured as the metrics do (top 20 by training count,
+share of the words of the decoded validation split; n = 2048, 256 validation rows):
+
+    seed                 0      1      2      2025   2026   2027
+    held-out top 20      0.252  0.299  0.294  0.281  0.256  0.291
+    exact (chain's law)  0.275  0.300  0.284  0.283  0.276  0.282
+
+Over the 43 seeds 0-39 and 2025-2027 the held-out share is 0.236-0.344 (mean 0.274; the
+exact one 0.244-0.333). For seed 0: H(u) = 6.31 nats, word entropy of the text 5.87,
+conditional entropy H(w_{i+1} | w_i) = 1.46, so transitions are learnable: gpt2_tiny
+reaches a validation loss of 4.7-4.9 nats per token in 300 steps of 16 rows, against 5.45
+for the entropy of the training tokens' unigram and 2.27 for the language itself (H(P) =
+17.4 nats over 7.7 predicted tokens a sequence). The training set has about 1890
+distinct sequences out of 2048 (H(P_emp) = 7.48): the repeats are mostly one- and
+two-word sequences. Building the dataset (Dirichlet draws of a 1020 x 1020 table, 2304
+sequences) takes about 0.5 s.
 """
 
 from __future__ import annotations
@@ -119,7 +143,7 @@ class SyntheticLanguage:
     transition: float64 [num_words, num_words], row w = distribution of the next word.
   """
 
-  def __init__(self, vocab_size: int = 64, max_len: int = 128, zipf_exponent: float = 1.1,
+  def __init__(self, vocab_size: int = 1024, max_len: int = 128, zipf_exponent: float = 0.7,
                eos_prob: float = 0.15, concentration: float = 2.0, seed: int = 0):
     if vocab_size < NUM_RESERVED + 1:
       raise ValueError(f"vocab_size must be >= {NUM_RESERVED + 1}, got {vocab_size}")
