@@ -236,3 +236,82 @@ def test_eval_scaling_is_the_expectation_of_training(mode, rescale):
   if not rescale:  # and it is not the unscaled map: the test can tell the rules apart
     plain = dmu_lib.mlp(params, x, identity)
     assert (np.abs(ys.mean(0) - np.asarray(plain)) / se).max() > 20
+
+
+# --------------------------------------------------------------------------- 'dmu_masks'
+
+
+def stored_call(module, params, x, rng, **variables):
+  """A training call with the 'dmu_masks' collection mutable: (y, stored masks)."""
+  y, state = module.apply({"params": params, **variables}, x, deterministic=False,
+                          rngs={"dmu": rng}, mutable=["dmu_masks"])
+  return y, state.get("dmu_masks", {})
+
+
+@pytest.mark.parametrize("mode", dmu_lib.EDGE_MODES + dmu_lib.NODE_MODES)
+def test_stored_masks_are_the_call_masks_and_are_used_when_passed_back(mode, x):
+  module, params = init(DMUConfig(c_tilde=0.5, mode=mode), x)
+  rng = jax.random.key(21)
+  y, stored = stored_call(module, params, x, rng)
+  drawn = masks_of_call(module, params, x, rng)
+  names = dmu_lib.NODE_NAMES if mode in dmu_lib.NODE_MODES else dmu_lib.PARAM_NAMES
+  assert set(stored) == set(names)  # bool masks only, no gather indices
+  for name in names:
+    chex.assert_type(stored[name], bool)
+    np.testing.assert_array_equal(stored[name], drawn[name])
+  np.testing.assert_array_equal(
+      y, module.apply({"params": params}, x, deterministic=False, rngs={"dmu": rng}))
+  # Passed back, the stored masks are used whatever the key: the output under another
+  # key is the first call's, bitwise, and the collection comes back unchanged.
+  other = jax.random.key(22)
+  y_other = module.apply({"params": params}, x, deterministic=False, rngs={"dmu": other})
+  assert not np.allclose(y_other, y)
+  y_frozen, again = stored_call(module, params, x, other, dmu_masks=stored)
+  np.testing.assert_array_equal(y_frozen, y)
+  chex.assert_trees_all_equal(again, stored)
+  # No 'dmu' stream needed then.
+  y_frozen = module.apply({"params": params, "dmu_masks": stored}, x, deterministic=False)
+  np.testing.assert_array_equal(y_frozen, y)
+
+
+@pytest.mark.parametrize("mode", dmu_lib.EDGE_MODES + dmu_lib.NODE_MODES)
+def test_touched_params_of_one_unit_are_its_param_masks(mode, x):
+  module, params = init(DMUConfig(c_tilde=0.5, mode=mode), x)
+  rng = jax.random.key(23)
+  _, stored = stored_call(module, params, x, rng)
+  touched = dmu_lib.touched_params(params, stored)
+  want = dmu_lib.dmu_param_masks(masks_of_call(module, params, x, rng))
+  assert set(touched) == set(params)
+  for name in dmu_lib.PARAM_NAMES:
+    chex.assert_equal_shape([touched[name], params[name]])
+    np.testing.assert_array_equal(touched[name], want[name])
+  # Jittable, with the same leaves.
+  chex.assert_trees_all_equal(jax.jit(dmu_lib.touched_params)(params, stored), touched)
+
+
+@pytest.mark.parametrize("config,det", [(DMUConfig(enabled=False), False),
+                                        (DMUConfig(c_tilde=1.0), False),
+                                        (DMUConfig(c_tilde=0.5), True)])
+def test_no_masks_stored_when_off_full_or_deterministic(config, det, x):
+  module, params = init(config, x)
+  y, state = module.apply({"params": params}, x, deterministic=det,
+                          rngs={"dmu": jax.random.key(0)}, mutable=["dmu_masks"])
+  assert state == {}
+  assert all(leaf is True for leaf in jax.tree.leaves(dmu_lib.touched_params(params, {})))
+  assert all(leaf is True for leaf in jax.tree.leaves(dmu_lib.touched_params(params, None)))
+  # Masks of a training call passed into such a call change nothing.
+  _, stored = stored_call(DMU(D_FF, DMUConfig(c_tilde=0.5)), params, x, jax.random.key(1))
+  assert stored
+  y_passed = module.apply({"params": params, "dmu_masks": stored}, x, deterministic=det,
+                          rngs={"dmu": jax.random.key(0)})
+  np.testing.assert_array_equal(y_passed, y)
+
+
+def test_param_masks_keep_leading_axes():
+  # Scanned blocks store node masks [L, n]: the param masks are [L, n, m].
+  masks = [dmu_lib.dmu_masks(jax.random.key(i), DMUConfig(mode="dprob"), D, D_FF)
+           for i in range(3)]
+  stacked = dmu_lib.dmu_param_masks(jax.tree.map(lambda *a: jnp.stack(a), *masks))
+  for i, m in enumerate(masks):
+    chex.assert_trees_all_equal(jax.tree.map(lambda a: a[i], stacked),
+                                dmu_lib.dmu_param_masks(m))

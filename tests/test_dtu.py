@@ -346,3 +346,110 @@ def test_decode_matches_full_causal_forward(x):
   y1, _ = module.apply({"params": params, "cache": mutated["cache"]}, x[:, 5:6], decode=True,
                        mutable=["cache"])
   np.testing.assert_allclose(jnp.concatenate([y0, y1], 1), full[:, :6], atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- frozen sets
+
+
+@functools.lru_cache(maxsize=None)
+def scored(config, causal):
+  """jit of a training call with 'dtu_scores' mutable: (y, the stored collection).
+
+  `scores` (a collection to pass in, or None) selects the frozen-set pass.
+  """
+  module = DTU(H, causal, config)
+
+  def call(params, x, mask, rng, scores):
+    variables = {"params": params} if scores is None else {"params": params,
+                                                            "dtu_scores": scores}
+    y, state = module.apply(variables, x, mask, deterministic=False, rngs={"dtu": rng},
+                            mutable=["dtu_scores"])
+    return y, state.get("dtu_scores", {})
+
+  return jax.jit(call)
+
+
+def allowed_of(indices, valid, t):
+  """bool [B, H, T, t] from sets (indices, valid) [B, H, T, keep]."""
+  ii, vv = np.asarray(indices), np.asarray(valid)
+  allowed = np.zeros(ii.shape[:3] + (t,), bool)
+  bb, hh, qq, aa = np.nonzero(vv)
+  allowed[bb, hh, qq, ii[bb, hh, qq, aa]] = True
+  return allowed
+
+
+# keep 4 of 11 keys samples with the bisection ('dense'); keep 2 of 24 gathers (top-k).
+@pytest.mark.parametrize("causal,t,keep", [(True, T, 4), (False, 24, 2)])
+def test_frozen_set_pass_attends_over_the_first_calls_sets(causal, t, keep):
+  assert (t < dtu_lib.DENSE_BELOW * keep) == (keep == 4)
+  config = DTUConfig(keep=keep, block_q=4)
+  x = jax.random.normal(jax.random.key(30), (B, t, D))
+  pad = jnp.arange(t)[None, :] < jnp.array([[t], [t - 4]])
+  _, params = init(config, causal, x)
+  _, sets = compiled(config, causal)
+  rng = jax.random.key(31)
+  call = scored(config, causal)
+  y1, stored = call(params, x, pad, rng, None)
+  # The stored scores are the key-norm log scores of the call.
+  k = np_qkv(params, x)[1]
+  chex.assert_shape(stored["log_scores"], (B, H, t))
+  chex.assert_type(stored["log_scores"], jnp.float32)
+  np.testing.assert_allclose(stored["log_scores"],
+                             np.log(np.linalg.norm(k, axis=-1)).transpose(0, 2, 1),
+                             atol=1e-5, rtol=1e-5)
+  first = allowed_of(*sets(params, x, pad, rng), t)
+  np.testing.assert_allclose(y1, np_attention(params, x, first), atol=1e-5, rtol=1e-5)
+  # New parameters, far from the old ones (other key norms, so other scores).
+  _, new = init(config, causal, x, seed=7)
+  new = jax.tree.map(lambda a, b: a + 3.0 * b, params, new)
+  y_frozen, again = call(new, x, pad, rng, stored)
+  chex.assert_trees_all_equal(again, stored)  # used as given, not recomputed
+  np.testing.assert_allclose(y_frozen, np_attention(new, x, first), atol=1e-4, rtol=1e-4)
+  # Without the stored scores the same key draws other sets for some queries.
+  redrawn = allowed_of(*sets(new, x, pad, rng), t)
+  assert (redrawn != first).any()
+  y_new = call(new, x, pad, rng, None)[0]
+  np.testing.assert_allclose(y_new, np_attention(new, x, redrawn), atol=1e-4, rtol=1e-4)
+  assert not np.allclose(y_new, y_frozen, atol=1e-3)
+
+
+def test_frozen_sets_make_the_unit_lipschitz_in_the_params(x, pad):
+  # Theorem B.9: with the key sets frozen the output is a smooth function of the params
+  # (a fixed masked softmax); re-drawn, the sets change along the way and the output
+  # jumps. Along 65 points of a segment in parameter space, the largest step of the
+  # output is a few times the median one frozen, many times re-drawn.
+  config = DTUConfig(keep=2, block_q=4)
+  _, params = init(config, True, x)
+  _, far = init(config, True, x, seed=9)
+  far = jax.tree.map(lambda a, b: a + 3.0 * b, params, far)
+  rng = jax.random.key(32)
+  call = scored(config, True)
+  _, stored = call(params, x, pad, rng, None)
+
+  def steps(scores):
+    def at(s):
+      return call(jax.tree.map(lambda a, b: a + s * (b - a), params, far), x, pad, rng,
+                  scores)[0]
+    ys = jax.jit(jax.vmap(at))(jnp.linspace(0.0, 1.0, 65))
+    d = np.abs(np.diff(np.asarray(ys), axis=0)).reshape(64, -1).max(-1)
+    return d.max() / np.median(d)
+
+  frozen, redrawn = steps(stored), steps(None)
+  assert frozen < 4, frozen
+  assert redrawn > 10, redrawn
+
+
+@pytest.mark.parametrize("config,det", [(DTUConfig(enabled=False), False),
+                                        (DTUConfig(keep=T), False),
+                                        (SAMPLED, True)])
+def test_no_scores_stored_or_used_on_full_attention_paths(config, det, x, pad):
+  module, params = init(config, True, x)
+  y, state = module.apply({"params": params}, x, pad, deterministic=det,
+                          rngs={"dtu": jax.random.key(0)}, mutable=["dtu_scores"])
+  assert state == {}
+  _, stored = scored(SAMPLED, True)(params, x, pad, jax.random.key(1), None)
+  y_passed = module.apply({"params": params, "dtu_scores": stored}, x, pad, deterministic=det,
+                          rngs={"dtu": jax.random.key(0)})
+  np.testing.assert_array_equal(y_passed, y)
+  np.testing.assert_allclose(y, np_attention(params, x, np_allowed(True, pad)), atol=1e-5,
+                             rtol=1e-5)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from stabjax.configs import DMUConfig, DTUConfig, ModelConfig, get_model_config
-from stabjax.models import count_params, get_model, init_params
+from stabjax.models import count_params, get_model, init_params, touched_params
+from stabjax.models import dmu as dmu_lib
 from stabjax.models.hf import stack_layers
 
 B, T, V, D = 2, 8, 61, 32
@@ -265,3 +266,155 @@ def test_stochastic_units_draw_from_their_streams(arch, scan_layers, unit):
   assert jnp.abs(run(jax.random.key(1)) - run(jax.random.key(2))).max() > 1e-4
   # Evaluation needs no RNG.
   chex.assert_shape(jax.eval_shape(lambda: apply(cfg, params, ids())), (B, T, V))
+
+
+# --------------------------------------------------------------------------- the step's collections
+
+COLLECTIONS = ["dmu_masks", "dtu_scores"]
+
+
+def train_loss_and_collections(cfg: ModelConfig, x, rngs):
+  """loss(params) -> (loss, collections) of one training-mode forward, as a step takes it."""
+  model = get_model(cfg)
+  r = jax.random.normal(jax.random.key(99), (B, T, V))
+
+  def loss(params, collections=None):
+    logits, state = model.apply({"params": params, **(collections or {})}, x,
+                                deterministic=False, rngs=rngs, mutable=COLLECTIONS)
+    return jnp.sum(r * logits), state
+
+  return loss
+
+
+# DMU modes x stacking (unrolled, scanned, scanned with remat) x both models; the DTU
+# (independent of the DMU's touched set) is on in one case only, to bound compile time.
+@pytest.mark.parametrize("arch,mode,scan_layers,remat,dtu", [
+    ("gpt2", "dfix", False, False, False), ("gpt2", "dfix", True, True, True),
+    ("gpt2", "dprob", True, False, False), ("gpt2", "dmu2_fix", False, False, False),
+    ("gpt2", "dmu2_prob", True, True, False), ("bert", "dprob", False, False, False)])
+def test_touched_params_are_where_the_gradient_can_be_nonzero(arch, mode, scan_layers, remat,
+                                                             dtu):
+  dmu = DMUConfig(c_tilde=0.5, mode=mode)
+  cfg = tiny(arch, scan_layers=scan_layers, remat=remat, dmu=dmu,
+             dtu=DTUConfig(enabled=dtu, keep=3, block_q=4))
+  params = params_of(cfg)
+  loss = train_loss_and_collections(
+      cfg, ids(), {"dmu": jax.random.key(1), "dtu": jax.random.key(2)})
+  grads, collections = jax.jit(jax.grad(loss, has_aux=True))(params)
+  assert set(collections) == ({"dmu_masks", "dtu_scores"} if dtu else {"dmu_masks"})
+  touched = touched_params(params, collections["dmu_masks"])
+  chex.assert_trees_all_equal_structs(jax.tree.map(lambda _: 0, touched),
+                                      jax.tree.map(lambda _: 0, params))
+  blocks = [k for k in params if k.startswith("block_") or k == "layers"]
+  assert len(blocks) == (1 if scan_layers else cfg.num_layers)
+  probs = dmu_lib.keep_probs(dmu, cfg.d_model, cfg.d_ff)
+  if mode in dmu_lib.NODE_MODES:
+    want = {"wi_kernel": probs["input"] * probs["hidden"], "wi_bias": probs["hidden"],
+            "wo_kernel": probs["hidden"] * probs["output"], "wo_bias": probs["output"]}
+  else:
+    want = probs
+  flat = jax.tree_util.tree_flatten_with_path(touched)[0]
+  g_of = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+  p_of = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  seen = set()
+  for path, used in flat:
+    g = np.asarray(g_of[path])
+    keys = [p.key for p in path]
+    if keys[0] in blocks and keys[1] == "mlp":
+      name = keys[-1]
+      seen.add(name)
+      used = np.asarray(used)
+      assert used.dtype == bool and used.shape == np.shape(p_of[path])
+      np.testing.assert_array_equal(g[~used], 0.0)  # untouched: exactly zero gradient
+      assert np.all(g[used] != 0.0), path  # touched: takes part (generic inputs)
+      share = used.mean()
+      if mode.endswith("fix"):  # exactly the fixed subset sizes
+        np.testing.assert_allclose(share, want[name], rtol=1e-6)
+      else:  # Bernoulli: within 5 standard errors of the node / entry counts
+        n = used.size // (cfg.d_ff if name.endswith("kernel") and mode == "dprob" else 1)
+        assert abs(share - want[name]) < 5 * np.sqrt(0.25 / n), (path, share)
+    else:
+      assert used is True, path
+      assert np.abs(g).max() > 0, path
+  assert seen == set(dmu_lib.PARAM_NAMES)
+
+
+@pytest.mark.parametrize("arch,scan_layers,remat", [("gpt2", True, True), ("bert", False, False)])
+def test_frozen_pass_uses_the_stored_masks_and_scores_per_layer(arch, scan_layers, remat):
+  cfg = tiny(arch, scan_layers=scan_layers, remat=remat, dmu=DMUConfig(c_tilde=0.5),
+             dtu=DTUConfig(keep=3, block_q=4))
+  params = params_of(cfg)
+  model = get_model(cfg)
+  x = ids()
+  rngs = {"dmu": jax.random.key(1), "dtu": jax.random.key(2)}
+
+  @jax.jit
+  def run(params, collections, rngs):
+    return model.apply({"params": params, **collections}, x, deterministic=False, rngs=rngs,
+                       mutable=COLLECTIONS)
+
+  y1, c1 = run(params, {}, rngs)
+  layers = (cfg.num_layers,) if scan_layers else ()
+  for leaf in jax.tree.leaves(c1["dtu_scores"]):
+    chex.assert_shape(leaf, layers + (B, cfg.num_heads, T))
+  for leaf in jax.tree.leaves(c1["dmu_masks"]):
+    assert leaf.dtype == bool and leaf.shape[:len(layers)] == layers
+  # Same params: passing the collections back changes nothing, and they come back as is.
+  y, c = run(params, c1, rngs)
+  np.testing.assert_array_equal(y, y1)
+  chex.assert_trees_all_equal(c, c1)
+  # The DMU masks are used whatever the 'dmu' key.
+  y, _ = run(params, c1, {**rngs, "dmu": jax.random.key(3)})
+  np.testing.assert_array_equal(y, y1)
+  assert not np.allclose(run(params, {}, {**rngs, "dmu": jax.random.key(3)})[0], y1)
+  # Other params: a pass given the collections of its own first pass (right layer for
+  # right layer) reproduces that pass; given the old params' scores, the sets of the
+  # old pass are used and the output differs.
+  new = jax.tree.map(lambda a, k: a + 0.5 * jax.random.normal(k, a.shape), params,
+                     jax.tree.unflatten(jax.tree.structure(params),
+                                        list(jax.random.split(jax.random.key(5),
+                                                              len(jax.tree.leaves(params))))))
+  y2, c2 = run(new, {}, rngs)
+  chex.assert_trees_all_equal(c2["dmu_masks"], c1["dmu_masks"])  # masks: the key only
+  assert not np.allclose(jax.tree.leaves(c2["dtu_scores"])[0],
+                         jax.tree.leaves(c1["dtu_scores"])[0])
+  np.testing.assert_array_equal(run(new, c2, rngs)[0], y2)
+  y_frozen, c = run(new, c1, rngs)
+  chex.assert_trees_all_equal(c, c1)
+  assert not np.allclose(y_frozen, y2, atol=1e-4)
+  # Layers swapped: the per-layer consumption matters.
+  swap = lambda a: a[::-1] if scan_layers else a
+  c_swapped = {"dmu_masks": c2["dmu_masks"],
+               "dtu_scores": (jax.tree.map(swap, c2["dtu_scores"]) if scan_layers else
+                              {"block_0": c2["dtu_scores"]["block_1"],
+                               "block_1": c2["dtu_scores"]["block_0"]})}
+  assert not np.allclose(run(new, c_swapped, rngs)[0], y2, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch,scan_layers", [("gpt2", True), ("bert", False)])
+def test_collections_change_nothing_when_units_are_off_or_deterministic(arch, scan_layers):
+  on = tiny(arch, scan_layers=scan_layers, dmu=DMUConfig(c_tilde=0.5),
+            dtu=DTUConfig(keep=3, block_q=4))
+  params = params_of(on)
+  x = ids()
+  rngs = {"dmu": jax.random.key(1), "dtu": jax.random.key(2)}
+  _, stored = jax.jit(lambda p: get_model(on).apply(
+      {"params": p}, x, deterministic=False, rngs=rngs, mutable=COLLECTIONS))(params)
+  assert set(stored) == set(COLLECTIONS)
+  off = tiny(arch, scan_layers=scan_layers)
+  full = tiny(arch, scan_layers=scan_layers, dmu=DMUConfig(c_tilde=1.0),
+              dtu=DTUConfig(keep=T, block_q=4))
+  for cfg, det in [(off, False), (full, False), (on, True)]:
+    model = get_model(cfg)
+    run = jax.jit(lambda p, c: model.apply({"params": p, **c}, x, deterministic=det,
+                                           rngs=rngs, mutable=COLLECTIONS))
+    plain = jax.jit(lambda p: model.apply({"params": p}, x, deterministic=det,
+                                          rngs=rngs))(params)
+    y, state = run(params, {})
+    assert state == {}
+    np.testing.assert_array_equal(y, plain)
+    assert all(leaf is True for leaf in jax.tree.leaves(touched_params(params, state.get(
+        "dmu_masks"))))
+    y, state = run(params, stored)  # passed in, ignored (and not written)
+    np.testing.assert_array_equal(y, plain)
+    chex.assert_trees_all_equal(state, stored)

@@ -3,6 +3,15 @@
 Params are the plain (unboxed) 'params' collection: `model.apply({'params': params},
 input_ids, ...)`. Top-level keys are the groups other code keys on: GPT-2 'wte', 'wpe',
 'block_i' (or 'layers'), 'ln_f'; BERT 'embeddings', 'block_i' (or 'layers'), 'mlm_head'.
+
+A training-mode call can also return, and take back, the 'dmu_masks' and 'dtu_scores'
+collections (the masks and key-set scores it used; `touched_params`, and the frozen-set
+pass of `stabjax.models.dtu`):
+
+  logits, state = model.apply({'params': p}, ids, deterministic=False, rngs=rngs,
+                              mutable=['dmu_masks', 'dtu_scores'])
+  touched = touched_params(p, state.get('dmu_masks'))
+  logits2 = model.apply({'params': p2, **state}, ids, deterministic=False, rngs=rngs)
 """
 
 from __future__ import annotations
@@ -16,10 +25,12 @@ import jax.numpy as jnp
 
 from stabjax.configs import ModelConfig
 from stabjax.models.bert import BERT
+from stabjax.models.dmu import touched_params
 from stabjax.models.gpt2 import GPT2
 from stabjax.models.hf import from_pretrained
 
-__all__ = ["BERT", "GPT2", "count_params", "from_pretrained", "get_model", "init_params"]
+__all__ = ["BERT", "GPT2", "count_params", "from_pretrained", "get_model", "init_params",
+           "touched_params"]
 
 
 def get_model(config: ModelConfig) -> nn.Module:

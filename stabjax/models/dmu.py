@@ -36,17 +36,30 @@ c~ for the Bernoulli modes, k/N exactly for the fixed modes):
   identity at evaluation.
 
 `enabled=False` or c~ = 1 is exactly the standard MLP (the same code path).
+
+The 'dmu_masks' collection (what a training step needs to confine its update to the
+step's sub-network, SPEC 6). On a masked training call with the collection mutable
+(`model.apply(..., mutable=['dmu_masks'])`) the unit stores the masks it used, bool:
+node modes `input` [d], `hidden` [d_ff], `output` [d]; edge modes `wi_kernel`,
+`wi_bias`, `wo_kernel`, `wo_bias` (param-shaped). Passed back in
+(`{'params': ..., 'dmu_masks': ...}`) they are used instead of drawing from the
+`'dmu'` stream: the frozen-set pass (the same masks as the same key draws, but without
+depending on it). `touched_params` turns the collection into a params-shaped tree of
+which entries the call could change.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.core import FrozenDict
 
 from stabjax.configs import DMUConfig
 
@@ -154,17 +167,61 @@ def dmu_param_masks(masks: Masks) -> Masks:
 
   Edge modes: the masks themselves. Node modes (Alg. 3/4, M_W and M_b): a kernel entry
   is used iff both its nodes are kept, a bias entry iff its output node is kept.
-  Every other entry gets exactly zero gradient.
+  Every other entry gets exactly zero gradient. Leading axes (e.g. the layer axis of
+  scanned blocks) are carried through.
   """
   if "wi_kernel" in masks:
     return {name: masks[name] for name in PARAM_NAMES}
   m_in, m_h, m_out = masks["input"], masks["hidden"], masks["output"]
   return {
-      "wi_kernel": m_in[:, None] & m_h[None, :],
+      "wi_kernel": m_in[..., :, None] & m_h[..., None, :],
       "wi_bias": m_h,
-      "wo_kernel": m_h[:, None] & m_out[None, :],
+      "wo_kernel": m_h[..., :, None] & m_out[..., None, :],
       "wo_bias": m_out,
   }
+
+
+def _is_unit_masks(tree: Any) -> bool:
+  """Whether a 'dmu_masks' subtree is the stored masks of one DMU."""
+  return isinstance(tree, Mapping) and ("wi_kernel" in tree or "input" in tree)
+
+
+def touched_params(params: Any, dmu_masks: Any) -> Any:
+  """Which parameter entries a training call could change, a tree shaped like params.
+
+  `params` is the model's full (unboxed) params tree, `dmu_masks` the 'dmu_masks'
+  collection that call returned (`model.apply(..., mutable=['dmu_masks', ...])`; empty
+  or None when the DMU was off, c~ = 1 or the call deterministic). Leaves:
+
+  * a DMU's `wi_kernel`, `wi_bias`, `wo_kernel`, `wo_bias`: bool arrays of the param's
+    full shape (`dmu_param_masks` of the stored masks; with a leading layer axis for
+    scanned blocks). False entries took no part in the call: zero gradient.
+  * every other parameter (and every DMU param without stored masks): the Python bool
+    True, so a caller can skip it with `leaf is True`.
+
+  Pure; inside jit the True leaves are trace-time constants (returned from a jitted
+  function they become bool arrays).
+  """
+  def walk(p, m):
+    if not isinstance(p, Mapping):
+      return True
+    if _is_unit_masks(m):
+      used = dmu_param_masks(m)
+      out = {}
+      for name, leaf in p.items():
+        if name in used:
+          if tuple(used[name].shape) != tuple(np.shape(leaf)):
+            raise ValueError(f"dmu mask {name} has shape {used[name].shape}, the param "
+                             f"{np.shape(leaf)}")
+          out[name] = used[name]
+        else:
+          out[name] = walk(leaf, None)
+    else:
+      m = m if isinstance(m, Mapping) else {}
+      out = {name: walk(leaf, m.get(name)) for name, leaf in p.items()}
+    return FrozenDict(out) if isinstance(p, FrozenDict) else out
+
+  return walk(params, dmu_masks)
 
 
 def _scale(a: jax.Array, s: float) -> jax.Array:
@@ -232,7 +289,8 @@ class DMU(nn.Module):
   """x [..., d_model] -> [..., d_model]: x @ wi + bi -> act -> @ wo + bo, with masks.
 
   Masks are drawn from the `'dmu'` RNG stream when `config.enabled` and not
-  `deterministic`; see the module docstring for modes and scaling.
+  `deterministic`, or taken from the 'dmu_masks' collection when it holds them, and
+  stored there when it is mutable; see the module docstring.
   """
 
   d_ff: int
@@ -263,10 +321,28 @@ class DMU(nn.Module):
       if deterministic:
         y = dmu_dense_reference(params, x, None, scales, act)
       else:
-        masks = dmu_masks(self.make_rng("dmu"), cfg, d, self.d_ff)
+        masks = self._masks(d)
         if cfg.mode == "dfix":
           y = dmu_gathered(params, x, masks, scales, act)
         else:
           y = dmu_dense_reference(params, x, masks, scales, act)
     chex.assert_equal_shape([x, y])
     return y
+
+  def _masks(self, d: int) -> Masks:
+    """This call's masks: the stored ones (frozen-set pass) or a draw; stored if mutable."""
+    cfg = self.config
+    names = NODE_NAMES if cfg.mode in NODE_MODES else PARAM_NAMES
+    if self.has_variable("dmu_masks", names[0]):
+      masks = {name: self.get_variable("dmu_masks", name) for name in names}
+      if cfg.mode == "dfix":  # the gather indices, sorted as `dmu_masks` draws them
+        sizes = {"input": d, "hidden": self.d_ff, "output": d}
+        for name, n in sizes.items():
+          masks[name + "_idx"] = jnp.nonzero(masks[name], size=num_kept(cfg.c_tilde, n),
+                                             fill_value=0)[0].astype(jnp.int32)
+    else:
+      masks = dmu_masks(self.make_rng("dmu"), cfg, d, self.d_ff)
+    if self.is_mutable_collection("dmu_masks"):
+      for name in names:
+        self.put_variable("dmu_masks", name, masks[name])
+    return masks

@@ -34,6 +34,17 @@ unit, like dropout, and evaluation sees every key. The KV-cache decode path
 
 A query with no candidate key at all (e.g. a left-padding position of a causal model)
 outputs zeros before the output projection on the sampled path.
+
+The frozen-set pass. The sets depend on the 'dtu' key (the race noise) and on the log
+scores log c~_j, which (`key_norm`) depend on the parameters: the same key at other
+parameters draws other sets. On a sampled training call with the 'dtu_scores'
+collection mutable (`model.apply(..., mutable=['dtu_scores'])`) the unit stores the log
+scores it used as ('dtu_scores', 'log_scores') [B, H, T] float32; when the collection
+holds them (`{'params': ..., 'dtu_scores': ...}`) they are used instead of
+`dtu_log_scores(k)`. With the same key the call then attends over exactly the first
+call's sets, at any parameters. The PSU's exact value L(theta_{t+1}; B_t) (SPEC 6) uses
+it, and so do the checks of Theorem B.9 (with frozen key sets the DTU is Lipschitz in
+the parameters).
 """
 
 from __future__ import annotations
@@ -385,13 +396,16 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, selected: jax.Arr
 
 def sampled_attention(rng: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
                       config: DTUConfig, causal: bool, mask: jax.Array | None = None,
-                      impl: str = "auto", return_sets: bool = True
+                      impl: str = "auto", return_sets: bool = True,
+                      log_scores: jax.Array | None = None
                       ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
   """DTU attention with sampling and attention done per block of queries (Alg. 6).
 
   q, k, v [B, T, H, Dh]; mask [B, T] bool or None. Returns the attention output
   [B, T, H, Dh] and the sampled indices, valid [B, H, T, keep] (the sets used; None
   with `return_sets=False`, which spares the dense implementation a top-k).
+  `log_scores` [B, H, T]: the log c~_j to sample with (the frozen-set pass, see the
+  module docstring); default `dtu_log_scores(k, config.scores)`.
 
   `impl`: 'gathered' samples with a top-k and gathers the keep keys/values of each
   query (O(T keep Dh), SPEC 4); 'dense' samples with a bisection (`_sample_threshold`)
@@ -405,7 +419,10 @@ def sampled_attention(rng: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
   block = min(config.block_q, t)
   num_blocks = -(-t // block)
   impl = _impl(impl, t, keep)
-  log_scores = dtu_log_scores(k, config.scores)
+  if log_scores is None:
+    log_scores = dtu_log_scores(k, config.scores)
+  chex.assert_shape(log_scores, (b, h, t))
+  log_scores = lax.stop_gradient(log_scores).astype(jnp.float32)
   qt, kt, vt = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [B, H, T, Dh]
   qt = jnp.pad(qt, ((0, 0), (0, 0), (0, num_blocks * block - t), (0, 0)))
   q_blocks = qt.reshape(b, h, num_blocks, block, hd).transpose(2, 0, 1, 3, 4)
@@ -458,7 +475,8 @@ class DTU(nn.Module):
   input [B, max_len, d], which creates the 'cache' collection), x is [B, L, d] new
   tokens (L = 1 for token-by-token decoding) written at cache_index, attending to
   every cached position <= their own; `mask` is then None or [B, max_len] over the
-  cache positions.
+  cache positions. Sampled training calls read and write the 'dtu_scores' collection
+  (the frozen-set pass, module docstring).
   """
 
   num_heads: int
@@ -492,8 +510,14 @@ class DTU(nn.Module):
         self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
       cfg = self.config
       if cfg.enabled and not deterministic and not decode and cfg.keep < t:
+        if self.has_variable("dtu_scores", "log_scores"):
+          log_scores = self.get_variable("dtu_scores", "log_scores")
+        else:
+          log_scores = dtu_log_scores(k, cfg.scores)
+        if self.is_mutable_collection("dtu_scores"):
+          self.put_variable("dtu_scores", "log_scores", log_scores)
         out, _, _ = sampled_attention(self.make_rng("dtu"), q, k, v, cfg, self.causal, mask,
-                                      return_sets=False)
+                                      return_sets=False, log_scores=log_scores)
       else:
         out = full_attention(q, k, v, _candidates(jnp.arange(t), t, mask, self.causal))
     chex.assert_shape(out, (b, t, h, hd))

@@ -63,9 +63,10 @@ def apply_blocks(block_cls: type[nn.Module], config: ModelConfig, x: jax.Array,
 
   Must be called inside a compact method. Unrolled, the blocks are named
   'block_0'..'block_{L-1}'. With `config.scan_layers` they are one `nn.scan` named
-  'layers' (MaxText's scan_layers, SPEC section 7) whose params (and decode cache)
-  have a leading 'layers' axis of size L. `args` are broadcast to every layer; the
-  last two must be the Python bools (deterministic, decode).
+  'layers' (MaxText's scan_layers, SPEC section 7) whose params (and the 'cache',
+  'dmu_masks' and 'dtu_scores' collections) have a leading 'layers' axis of size L.
+  `args` are broadcast to every layer; the last two must be the Python bools
+  (deterministic, decode).
   """
   cls = block_cls
   if config.remat:
@@ -76,7 +77,9 @@ def apply_blocks(block_cls: type[nn.Module], config: ModelConfig, x: jax.Array,
   if config.scan_layers:
     cls = nn.scan(
         cls,
-        variable_axes={"params": 0, "cache": 0},
+        # The DMU masks / DTU scores of a training call stack over layers like the
+        # params, and are sliced per layer when passed back (the frozen-set pass).
+        variable_axes={"params": 0, "cache": 0, "dmu_masks": 0, "dtu_scores": 0},
         split_rngs={s: True for s in LAYER_RNG_STREAMS},
         in_axes=(nn.broadcast,) * len(args),
         length=config.num_layers,
