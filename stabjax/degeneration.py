@@ -1,15 +1,23 @@
 """Generate text from a trained model and measure its degeneration (SPEC section 9).
 
-`measure(...)` samples continuations of validation prompts (GPT-2 with a KV cache,
-BERT by mask-predict), decodes them, and computes every metric of `stabjax.metrics`;
-on the synthetic language it adds the theory's quantities (P_theta(S_0), the forward
-KL d(P_emp || P_theta) and H(P_theta), paper Lemma 4.2 and Theorem 5.5).
+`measure(...)` continues the same validation prompts under every decoder of
+`GenerationEvalConfig.decoders` (temperature sampling, greedy, top-k, nucleus: the
+paper does not say how it decodes, so decoding is a measured axis), with the same base
+key, and computes every metric of `stabjax.metrics` per decoder (GPT-2 with a KV
+cache, BERT by left-to-right unmasking). On the synthetic language it adds, once, the
+theory's quantities (P_theta(S_0), the forward KL d(P_emp || P_theta), H(P_theta);
+paper Lemma 4.2 and Theorem 5.5), which do not depend on the decoder.
+
+`measure_quick(...)` is the same path on a small batch (one decoder, no reference
+text), cheap enough for every evaluation step of a training loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+import re
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,29 +26,61 @@ import numpy as np
 
 from stabjax import metrics, sampling
 
+# sample: ancestral sampling at `temperature`; greedy: argmax; top_k / nucleus: sampling
+# at `temperature` from the `top_k` most likely tokens / the smallest set of mass `top_p`.
+DECODERS = ("sample", "greedy", "top_k", "nucleus")
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationEvalConfig:
-  num_samples: int = 64  # prompts (generations) per run
+  """The end-of-run generation: the same prompts under each of `decoders`."""
+
+  num_samples: int = 64  # prompts (generations per decoder) per run
   prompt_len: int = 4  # tokens of each validation row used as the prompt
   max_new_tokens: int = 0  # 0: seq_len - prompt_len
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
+  decoders: tuple[str, ...] = DECODERS
+  temperature: float = 1.0  # of sample, top_k and nucleus (greedy has none)
+  top_k: int = 40  # k of the top_k decoder
+  top_p: float = 0.9  # p of the nucleus decoder
   hf_top_k: int = 20  # K of the high-frequency word proportion
   batch_size: int = 64  # generations per sampler call
   seed: int = 0
 
   def __post_init__(self):
-    for name in ("num_samples", "prompt_len", "hf_top_k", "batch_size"):
+    # A list (config JSON) or "a,b" (a flag) becomes a tuple: the config stays hashable.
+    decoders = self.decoders
+    if isinstance(decoders, str):
+      decoders = [d.strip() for d in decoders.split(",")]
+    object.__setattr__(self, "decoders", tuple(decoders))
+    bad = [d for d in self.decoders if d not in DECODERS]
+    if bad or not self.decoders or len(set(self.decoders)) != len(self.decoders):
+      raise ValueError(f"--decoders={','.join(map(str, self.decoders))!r} is not accepted; "
+                       f"accepted: distinct names among {', '.join(DECODERS)}")
+    for name in ("num_samples", "prompt_len", "hf_top_k", "batch_size", "top_k"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    if self.max_new_tokens < 0:
+      raise ValueError(f"--max_new_tokens must be >= 0 (0: seq_len - prompt_len), got "
+                       f"{self.max_new_tokens}")
+    if not self.temperature > 0:
+      raise ValueError(f"--temperature must be > 0 (greedy is its own decoder), got "
+                       f"{self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
 
 
-def _sampling_config(cfg: GenerationEvalConfig, seq_len: int) -> sampling.SamplingConfig:
-  n = cfg.max_new_tokens or max(seq_len - cfg.prompt_len, 1)
-  return sampling.SamplingConfig(max_new_tokens=n, temperature=cfg.temperature,
-                                 top_k=cfg.top_k, top_p=cfg.top_p)
+def decoder_config(cfg: GenerationEvalConfig, decoder: str, max_new_tokens: int
+                   ) -> sampling.SamplingConfig:
+  """The SamplingConfig of one decoder (all share the sampler's compilation)."""
+  t = cfg.temperature
+  kw = {"sample": dict(temperature=t), "greedy": dict(temperature=0.0),
+        "top_k": dict(temperature=t, top_k=cfg.top_k),
+        "nucleus": dict(temperature=t, top_p=cfg.top_p)}[decoder]
+  return sampling.SamplingConfig(max_new_tokens=max_new_tokens, **kw)
+
+
+def _num_new_tokens(cfg: GenerationEvalConfig, seq_len: int) -> int:
+  return cfg.max_new_tokens or max(seq_len - cfg.prompt_len, 1)
 
 
 def _sample(model: nn.Module, causal: bool, params, prompts: np.ndarray, mask: np.ndarray,
@@ -53,8 +93,8 @@ def _sample(model: nn.Module, causal: bool, params, prompts: np.ndarray, mask: n
     if causal:
       out = sampling.generate(model, params, p, m, k, scfg, eos_id=tok.eos_id, pad_id=tok.pad_id)
     else:
-      out = sampling.mask_predict(model, params, p, m, k, scfg, mask_id=tok.mask_id,
-                                  eos_id=tok.eos_id, pad_id=tok.pad_id)
+      out = sampling.unmask_left_to_right(model, params, p, m, k, scfg, mask_id=tok.mask_id,
+                                          eos_id=tok.eos_id, pad_id=tok.pad_id)
     outs.append(jax.device_get(out))
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
@@ -65,24 +105,30 @@ def _generated_ids(out, prompt_len: int) -> list[list[int]]:
   return [row[:n].tolist() for row, n in zip(gen, np.asarray(out.lengths))]
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _sequence_logprob(model: nn.Module, params, tokens, mask):
+  logits = model.apply({"params": params}, tokens, deterministic=True)
+  return metrics.sequence_logprob(logits, tokens, mask)
+
+
 def sequence_logprobs(model: nn.Module, params, tokens: np.ndarray, mask: np.ndarray,
                       batch_size: int = 256) -> np.ndarray:
   """log P_theta of whole sequences (BOS excluded, EOS included), in batches."""
-  @jax.jit
-  def logp(t, m):
-    logits = model.apply({"params": params}, t, deterministic=True)
-    return metrics.sequence_logprob(logits, t, m)
-  return np.concatenate([np.asarray(logp(jnp.asarray(tokens[i:i + batch_size]),
-                                         jnp.asarray(mask[i:i + batch_size])))
-                         for i in range(0, len(tokens), batch_size)])
+  return np.concatenate([
+      np.asarray(_sequence_logprob(model, params, jnp.asarray(tokens[i:i + batch_size]),
+                                   jnp.asarray(mask[i:i + batch_size])))
+      for i in range(0, len(tokens), batch_size)])
 
 
 def synthetic_measures(model: nn.Module, params, dataset, key: jax.Array, num_samples: int,
                        batch_size: int) -> dict[str, float]:
-  """P_theta(S_0), d(P_emp || P_theta), H(P_emp), H(P_theta) (Monte Carlo) on synthetic data."""
+  """P_theta(S_0), d(P_emp || P_theta), H(P_emp), H(P_theta) (Monte Carlo) on synthetic data.
+
+  H(P_theta) is estimated from ancestral samples (temperature 1, no truncation) from
+  BOS, whatever the decoders: these are properties of the model.
+  """
   emp = dataset.train_empirical()
   model_logp = sequence_logprobs(model, params, emp.sequences, emp.mask)
-  # Unconditional samples from BOS for the Monte-Carlo entropy of P_theta.
   tok = dataset.tokenizer
   seq_len = dataset.seq_len
   bos = np.full((num_samples, 1), tok.bos_id, np.int32)
@@ -96,34 +142,110 @@ def synthetic_measures(model: nn.Module, params, dataset, key: jax.Array, num_sa
   return result
 
 
-def measure(model: nn.Module, params: Any, dataset, cfg: GenerationEvalConfig
-            ) -> tuple[dict[str, float], list[str]]:
-  """All degeneration metrics of one trained model, and the generated texts."""
+def _measure_decoders(model: nn.Module, params: Any, dataset, cfg: GenerationEvalConfig,
+                      references: bool) -> tuple[dict[str, dict[str, float]],
+                                                 dict[str, list[str]]]:
+  """Metrics and texts per decoder: the path shared by `measure` and `measure_quick`.
+
+  Every decoder continues the same prompts with the same base key (so greedy and
+  sampling differ only by the decoder). Without `references` the held-out reference
+  text is not measured (the `_reference` keys are absent).
+  """
   tok = dataset.tokenizer
   causal = bool(getattr(model.config, "causal", True))
   val = dataset.validation
   prompts = sampling.prompts_from_split(np.asarray(val.tokens), np.asarray(val.mask),
                                         cfg.prompt_len, min(cfg.num_samples, len(val.tokens)),
                                         seed=cfg.seed, eos_id=tok.eos_id, pad_id=tok.pad_id)
-  scfg = _sampling_config(cfg, dataset.seq_len)
+  n = _num_new_tokens(cfg, dataset.seq_len)
   key = jax.random.PRNGKey(cfg.seed)
-  out = _sample(model, causal, params, prompts.tokens, prompts.mask, key, scfg, tok,
-                cfg.batch_size)
-  ids = _generated_ids(out, prompts.tokens.shape[1])
-  texts = [tok.decode(x) for x in ids]
-  result = metrics.summarize_text_metrics(
-      texts, ids, dataset.train_word_counts(), dataset.validation_texts(limit=1000),
-      k=cfg.hf_top_k)
-  gen_mask = np.asarray(out.gen_mask)
-  lengths = metrics.length_stats(out.tokens, tok.eos_id, start=prompts.tokens.shape[1])
-  result.update({
-      "generative_entropy": metrics.generative_entropy(out.entropies, mask=gen_mask),
-      "effective_rank": metrics.effective_rank(out.hidden, mask=gen_mask),
-      "length_mean": lengths["mean"], "length_std": lengths["std"],
-      "no_eos_share": lengths["no_eos_share"],
-  })
-  if dataset.synthetic is not None and causal:
-    syn = synthetic_measures(model, params, dataset, jax.random.fold_in(key, 10**6),
-                             cfg.num_samples, cfg.batch_size)
-    result.update({f"syn/{k}": v for k, v in syn.items()})
+  train_counts = dataset.train_word_counts()
+  reference = dataset.validation_texts(limit=1000) if references else None
+  start = prompts.tokens.shape[1]
+  result, texts = {}, {}
+  for decoder in cfg.decoders:
+    out = _sample(model, causal, params, prompts.tokens, prompts.mask, key,
+                  decoder_config(cfg, decoder, n), tok, cfg.batch_size)
+    ids = _generated_ids(out, start)
+    texts[decoder] = [tok.decode(x) for x in ids]
+    r = dict(metrics.summarize_text_metrics(texts[decoder], ids, train_counts, reference,
+                                            k=cfg.hf_top_k))
+    gen_mask = np.asarray(out.gen_mask)
+    lengths = metrics.length_stats(out.tokens, tok.eos_id, start=start)
+    r.update({
+        "generative_entropy": metrics.generative_entropy(out.entropies, mask=gen_mask),
+        "effective_rank": metrics.effective_rank(out.hidden, mask=gen_mask),
+        "length_mean": lengths["mean"], "length_std": lengths["std"],
+        "no_eos_share": lengths["no_eos_share"],
+    })
+    result[decoder] = r
   return result, texts
+
+
+def measure(model: nn.Module, params: Any, dataset, cfg: GenerationEvalConfig
+            ) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
+  """All degeneration metrics of one trained model, and the generated texts.
+
+  Returns (result, texts): result[decoder] is the flat metric dict of that decoder
+  (hf_proportion, its *_reference twins, generative_entropy, effective_rank, lengths,
+  ...) for each of cfg.decoders, plus result["synthetic"] (the P_theta quantities) on
+  synthetic data with a GPT-2; texts[decoder] is the list of generated texts (render
+  them with `format_samples`).
+  """
+  result, texts = _measure_decoders(model, params, dataset, cfg, references=True)
+  causal = bool(getattr(model.config, "causal", True))
+  if dataset.synthetic is not None and causal:
+    key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 10**6)
+    result["synthetic"] = synthetic_measures(model, params, dataset, key, cfg.num_samples,
+                                             cfg.batch_size)
+  return result, texts
+
+
+QUICK_KEYS = ("hf_proportion", "generative_entropy")
+
+
+def measure_quick(model: nn.Module, params: Any, dataset, cfg: GenerationEvalConfig,
+                  num_prompts: int = 16, max_new_tokens: int = 32, decoder: str = "sample"
+                  ) -> dict[str, float]:
+  """hf_proportion and generative_entropy of a small generation batch (one decoder).
+
+  `measure` restricted to the first `num_prompts` prompts, `max_new_tokens` tokens and
+  `decoder` (same code path, same numbers), without reference text or synthetic
+  quantities: for a training loop's evaluation steps. The sampler compiles once.
+  """
+  small = dataclasses.replace(cfg, num_samples=num_prompts, max_new_tokens=max_new_tokens,
+                              decoders=(decoder,))
+  result, _ = _measure_decoders(model, params, dataset, small, references=False)
+  return {k: result[decoder][k] for k in QUICK_KEYS}
+
+
+_HEADER = "=== decoder: {} ==="
+_HEADER_RE = re.compile(r"^=== decoder: (\S+) ===$", re.M)
+
+
+def format_samples(texts: Mapping[str, Sequence[str]]) -> str:
+  """samples.txt: one section per decoder, a '=== decoder: NAME ===' line, then '[i] text'
+  entries separated by blank lines. `parse_samples` reads it back."""
+  sections = [_HEADER.format(d) + "\n" + "\n\n".join(f"[{i}] {t}" for i, t in enumerate(ts))
+              for d, ts in texts.items()]
+  return "\n\n".join(sections) + "\n"
+
+
+def parse_samples(text: str) -> dict[str, list[str]]:
+  """The texts of each decoder of a `format_samples` output (texts may hold newlines)."""
+  heads = list(_HEADER_RE.finditer(text))
+  out = {}
+  for j, h in enumerate(heads):
+    # Drop the newline after the header and the separator before the next one.
+    end = heads[j + 1].start() - 2 if j + 1 < len(heads) else len(text) - 1
+    body, entries = text[h.end() + 1:end], []
+    pos = len("[0] ")
+    while body:
+      sep = f"\n\n[{len(entries) + 1}] "
+      stop = body.find(sep, pos)
+      entries.append(body[pos:stop if stop >= 0 else len(body)])
+      if stop < 0:
+        break
+      pos = stop + len(sep)
+    out[h.group(1)] = entries
+  return out

@@ -214,7 +214,7 @@ def test_temperature_to_zero_approaches_argmax():
 
 def test_sampling_config_validation():
   for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
-              dict(max_new_tokens=0), dict(iterations=0)):
+              dict(max_new_tokens=0), dict(iterations=0), dict(lookahead=-1)):
     with pytest.raises(ValueError):
       SamplingConfig(**bad)
   with pytest.raises(ValueError, match="max_len"):
@@ -334,3 +334,173 @@ def test_prompts_prefer_full_rows_and_are_left_padded():
   assert len(sampling.prompts_from_split(tokens, mask, 4, 7, seed=0, eos_id=EOS).rows) == 6
   with pytest.raises(ValueError, match="non-empty"):
     sampling.prompts_from_split(tokens[6:], mask[6:], 4, 1, seed=0, eos_id=EOS)
+
+
+# ------------------------------------------------------------ decoders: traced parameters
+
+
+def test_decoders_share_one_compilation():
+  """Greedy / temperature / top-k / top-p differ only in traced values: one compile."""
+  jitted = sampling.generate.jitted
+  before = jitted._cache_size()
+  configs = [SamplingConfig(max_new_tokens=3, **kw) for kw in (
+      dict(temperature=0.0), dict(), dict(top_k=40), dict(top_p=0.9))]
+  outs = [gpt_run(sampling.generate, c, prompts=PROMPTS[:2], mask=PROMPT_MASK[:2]) for c in configs]
+  assert jitted._cache_size() == before + 1
+  assert len({np.asarray(o.tokens).tobytes() for o in outs}) > 1  # the values do reach the draw
+
+
+def test_traced_top_k_and_top_p_keep_the_same_sets():
+  probs = np.array([0.06, 0.5, 0.04, 0.3, 0.1])
+  logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (4000, 5))
+  draw = jax.jit(sampling.sample_logits)
+  cases = [((1.0, 0, 0.75), {1, 3}), ((1.0, 0, 0.85), {1, 3, 4}), ((1.0, 2, 1.0), {1, 3}),
+           # top-p after top-k, on the renormalised top 3: 0.556, 0.333 | 0.111
+           ((1.0, 3, 0.85), {1, 3}), ((1.0, 3, 0.9), {1, 3, 4}), ((0.0, 0, 1.0), {1}),
+           ((1.0, 0, 1.0), {0, 1, 2, 3, 4})]
+  for (t, k, p), want in cases:
+    tok = np.asarray(draw(jax.random.key(3), logits, jnp.float32(t), jnp.int32(k), jnp.float32(p)))
+    assert set(np.unique(tok)) == want, (t, k, p)
+
+
+# ------------------------------------------------------ BERT left-to-right unmasking
+
+L2R = SamplingConfig(max_new_tokens=N)
+
+
+def l2r_run(config=L2R, params=None, seed=11, prompts=PROMPTS, mask=PROMPT_MASK):
+  params = params_of(BERT) if params is None else params
+  return sampling.unmask_left_to_right(get_model(BERT), params, jnp.asarray(prompts),
+                                       jnp.asarray(mask), jax.random.key(seed), config,
+                                       mask_id=MASK, eos_id=EOS, pad_id=PAD)
+
+
+def test_unmask_keeps_prompts_and_is_reproducible():
+  out = l2r_run()
+  chex.assert_shape([out.tokens, out.gen_mask, out.entropies, out.hidden, out.lengths],
+                    [(3, P + N), (3, N), (3, N), (3, N, D), (3,)])
+  np.testing.assert_array_equal(out.tokens[:, :P], PROMPTS)
+  chex.assert_trees_all_equal(out, l2r_run())
+  assert not np.array_equal(out.tokens, l2r_run(seed=12).tokens)
+
+
+@pytest.mark.parametrize("lookahead", [None, 2])
+def test_unmask_greedy_matches_a_slot_by_slot_loop(lookahead):
+  """Independent reference: per row, real prompt + sampled slots + [MASK]s, one forward
+  per slot on an unpadded buffer; also the entropies and the final hidden states."""
+  out = l2r_run(SamplingConfig(max_new_tokens=N, temperature=0.0, lookahead=lookahead))
+  model, params = get_model(BERT), params_of(BERT)
+  forward = jax.jit(lambda ids, attn: model.apply({"params": params}, ids, attention_mask=attn,
+                                                  return_hidden=True))
+  ahead = N if lookahead is None else lookahead
+  for b in range(3):
+    real = list(PROMPTS[b][PROMPT_MASK[b] > 0])
+    gen, ents = [], []
+    for i in range(N):
+      seen = len(real) + min(i + 1 + ahead, N)
+      ids = np.full((1, P + N), PAD, np.int32)
+      ids[0, :seen] = real + gen + [MASK] * (seen - len(real) - i)
+      logits = np.asarray(forward(jnp.asarray(ids), jnp.asarray(ids != PAD))[0], np.float64)
+      row = logits[0, len(real) + i]
+      row[[MASK, PAD]] = -np.inf
+      gen.append(int(row.argmax()))
+      ents.append(softmax_entropy(row))
+      if gen[-1] == EOS:
+        break
+    k = len(gen)
+    np.testing.assert_array_equal(out.tokens[b, P:P + k], gen)
+    np.testing.assert_array_equal(out.tokens[b, P + k:], PAD)
+    np.testing.assert_array_equal(out.gen_mask[b], np.arange(N) < k)
+    np.testing.assert_allclose(np.asarray(out.entropies[b, :k]), ents, rtol=1e-5)
+    final = np.full((1, P + N), PAD, np.int32)
+    final[0, :len(real) + k] = real + gen
+    _, hidden = forward(jnp.asarray(final), jnp.asarray(final != PAD))
+    np.testing.assert_allclose(np.asarray(out.hidden[b, :k]),
+                               np.asarray(hidden)[0, len(real):len(real) + k], atol=1e-4)
+
+
+def test_unmask_outputs_a_forced_token_and_never_samples_mask_or_pad():
+  out = l2r_run(params=bias_params(17))
+  np.testing.assert_array_equal(out.tokens[:, P:], 17)
+  np.testing.assert_array_equal(out.lengths, N)
+  assert not np.asarray(out.has_eos).any()
+  out = l2r_run(params=bias_params(MASK))  # the banned [MASK] would dominate
+  gen = np.asarray(out.tokens[:, P:])[np.asarray(out.gen_mask)]
+  assert gen.size and not np.isin(gen, [MASK, PAD]).any()
+
+
+def test_unmask_eos_ends_the_text():
+  out = l2r_run(params=bias_params(EOS))
+  gen = np.asarray(out.tokens[:, P:])
+  np.testing.assert_array_equal(gen[:, 0], EOS)
+  np.testing.assert_array_equal(gen[:, 1:], PAD)
+  np.testing.assert_array_equal(out.gen_mask, np.arange(N)[None, :].repeat(3, 0) == 0)
+  np.testing.assert_array_equal(out.lengths, 0)
+  assert np.asarray(out.has_eos).all()
+  assert np.all(np.asarray(out.hidden)[:, 1:] == 0)
+  assert np.all(np.asarray(out.entropies)[:, 1:] == 0)
+
+
+# A model whose every prediction is one known distribution over 10 words: the MLM head's
+# LayerNorm scale is 0, so the logits are the head's bias whatever the input.
+KNOWN_P = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.05, 0.03, 0.02, 0.01])
+KNOWN_WORDS = np.arange(4, 14)
+
+
+@functools.cache
+def known_params():
+  params = jax.tree.map(lambda x: x, params_of(BERT))
+  head = dict(params["mlm_head"])
+  head["ln"] = {"scale": jnp.zeros_like(head["ln"]["scale"]),
+                "bias": jnp.zeros_like(head["ln"]["bias"])}
+  bias = np.full(V, -30.0, np.float32)  # EOS and the other words: never
+  bias[KNOWN_WORDS] = np.log(KNOWN_P)
+  bias[[MASK, PAD]] = 10.0  # banned: must never be drawn, however likely
+  head["bias"] = jnp.asarray(bias)
+  params["mlm_head"] = head
+  return params
+
+
+@functools.cache
+def known_output(sampler, config):
+  rows = 256
+  prompts = np.random.default_rng(1).integers(4, V, (rows, P)).astype(np.int32)
+  return sampler(get_model(BERT), known_params(), jnp.asarray(prompts),
+                 jnp.ones((rows, P), jnp.int32), jax.random.key(5), config, mask_id=MASK,
+                 eos_id=EOS, pad_id=PAD)
+
+
+def known_frequencies(sampler, config):
+  out = known_output(sampler, config)
+  gen = np.asarray(out.tokens[:, P:])
+  assert np.asarray(out.gen_mask).all()
+  return np.array([(gen == w).mean() for w in KNOWN_WORDS]), gen.size
+
+
+@pytest.mark.parametrize("decoder,want", [
+    (dict(), KNOWN_P),
+    (dict(top_k=3), np.r_[KNOWN_P[:3] / KNOWN_P[:3].sum(), np.zeros(7)]),
+    (dict(top_p=0.6), np.r_[KNOWN_P[:3] / KNOWN_P[:3].sum(), np.zeros(7)]),
+    (dict(temperature=0.0), np.r_[1.0, np.zeros(9)]),
+], ids=["sample", "top_k", "nucleus", "greedy"])
+def test_unmask_draws_the_model_marginals(decoder, want):
+  freq, draws = known_frequencies(sampling.unmask_left_to_right,
+                                  SamplingConfig(max_new_tokens=N, **decoder))
+  se = np.sqrt(want * (1 - want) / draws)
+  np.testing.assert_array_less(np.abs(freq - want), 4 * se + 1e-9)
+
+
+def test_unmask_entropies_are_those_of_the_known_distribution():
+  out = known_output(sampling.unmask_left_to_right, SamplingConfig(max_new_tokens=N))
+  logits = np.full(V, -30.0)
+  logits[KNOWN_WORDS] = np.log(KNOWN_P)
+  logits[[MASK, PAD]] = -np.inf
+  np.testing.assert_allclose(np.asarray(out.entropies), softmax_entropy(logits), rtol=1e-4)
+
+
+def test_mask_predict_over_produces_the_frequent_tokens():
+  """Why it is not the default: confidence re-masking keeps frequent draws and redraws
+  rare ones, so even a model with fixed marginals comes out skewed."""
+  freq, _ = known_frequencies(sampling.mask_predict, SamplingConfig(max_new_tokens=N))
+  assert freq[0] > KNOWN_P[0] + 0.1
+  assert freq[5:].sum() < 0.5 * KNOWN_P[5:].sum()
