@@ -30,6 +30,9 @@ FLAGS = flags.FLAGS
 VARIANTS = {"full": {}, "nodmu": {"dmu": False}, "nodtu": {"dtu": False}}
 VARIANT_TITLES = {"full": "full (DMU + DTU)", "nodmu": "without DMU", "nodtu": "without DTU"}
 flags.DEFINE_list("variants", list(VARIANTS), f"Ablation variants: {', '.join(VARIANTS)}.")
+flags.DEFINE_bool("shared_c_tilde", True, "Give every variant the full model's PSU c~ "
+                  "(--psu_c_tilde_from=full), so a variant differs from the full model only in "
+                  "the unit it removes, not also in the PSU's eta_mod.")
 flags.DEFINE_list("reuse_from", ["runs/table1"], "Sweep directories whose finished runs of the "
                   "same name and config are reused (the 'full' variant is a Table 1 run).")
 FLAGS.set_default("models", ["gpt2_tiny"])
@@ -64,17 +67,21 @@ def write_outputs(workdir: str, records: list[dict], histories: dict, variants, 
 
   sections = []
   for m in models:
-    hf_rows = [[VARIANT_TITLES[v]] + [report.fmt_mean_std(by[m, v, a].get("hf_proportion"),
-                                                           percent=True) for a in alphas]
-               for v in variants]
+    decoders = [d for d in report.DECODER_TITLES
+                if any(report.decoder_key(d, "hf_proportion") in r for r in records)]
+    hf_rows = [[VARIANT_TITLES[v], report.DECODER_TITLES[d]]
+               + [report.fmt_mean_std(by[m, v, a].get(report.decoder_key(d, "hf_proportion")),
+                                      percent=True) for a in alphas]
+               for d in decoders for v in variants]
     ent_rows = [[VARIANT_TITLES[v]] + [report.fmt_mean_std(by[m, v, a].get("generative_entropy"))
                                        for a in alphas] for v in variants]
     conv_rows = [[VARIANT_TITLES[v]] + [report.fmt_mean_std(
         by[m, v, a].get("loss_convergence_step")) for a in alphas] for v in variants]
     head = ["variant"] + [table1.alpha_label(a) for a in alphas]
     sections += [
-        f"## {m}: high-frequency word proportion (mean ± std over {len(seeds)} seed(s))", "",
-        report.markdown_table(head, hf_rows), "",
+        f"## {m}: high-frequency word proportion per decoder (mean ± std over {len(seeds)} "
+        "seed(s))", "",
+        report.markdown_table(["variant", "decoder"] + head[1:], hf_rows), "",
         f"## {m}: generative entropy (nats per sampled token)", "",
         report.markdown_table(head, ent_rows), "",
         f"## {m}: convergence step (first logged step whose training loss reaches the level "
@@ -134,8 +141,12 @@ def main(argv):
   if not variants:
     common.fail("--variants needs at least one value")
   base = table1.base_config(FLAGS)
+  # The full variant's c~ is its own, so it stays the Table 1 run (and is reused).
+  shared = lambda v: ({"psu_c_tilde_from": "full"} if FLAGS.shared_c_tilde and v != "full"
+                      else {})
   runs = [report.SweepRun(report.run_name(m, s, a, v),
-                          report.override_config(base, model=m, seed=s, alpha=a, **VARIANTS[v]),
+                          report.override_config(base, model=m, seed=s, alpha=a, **VARIANTS[v],
+                                                 **shared(v)),
                           {"model": m, "seed": s, "alpha": a, "variant": v})
           for m in models for s in seeds for a in alphas for v in variants]
   os.makedirs(FLAGS.workdir, exist_ok=True)

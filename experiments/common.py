@@ -13,7 +13,8 @@ from absl import flags, logging
 
 from stabjax import configs, sharding
 from stabjax.degeneration import GenerationEvalConfig
-from stabjax.configs import DMU_MODES, DTU_SCORES, FEEDBACK_KINDS, MODEL_CONFIGS
+from stabjax.configs import DMU_MODES, DTU_SCORES, FEEDBACK_KINDS, MODEL_CONFIGS, OPTIMIZERS
+from stabjax.psu import C_TILDE_FROM, PSUConfig
 
 FLAGS = flags.FLAGS
 DTYPES = ("float32", "bfloat16")
@@ -40,6 +41,8 @@ def define_run_flags() -> None:
   flags.DEFINE_float("min_lr_ratio", d.min_lr_ratio, "Final learning rate as a fraction of --lr.")
   flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW weight decay.")
   flags.DEFINE_float("clip_norm", d.clip_norm, "Global gradient-norm clip.")
+  flags.DEFINE_string("optimizer", d.optimizer, f"Base optimizer: {', '.join(OPTIMIZERS)} "
+                      "(sgd: plain SGD with L2 weight decay, the setting of Lemma 4.1).")
   flags.DEFINE_bool("dmu", True, "Use the Dynamic MLP Unit in every block.")
   flags.DEFINE_float("c_tilde", dmu.c_tilde, "DMU retention c~ in (0, 1].")
   flags.DEFINE_string("dmu_mode", dmu.mode, f"DMU mode: {', '.join(DMU_MODES)}.")
@@ -49,6 +52,13 @@ def define_run_flags() -> None:
   flags.DEFINE_string("dtu_scores", dtu.scores, f"DTU compatibility scores: {', '.join(DTU_SCORES)}.")
   flags.DEFINE_bool("psu", True, "Use the PSU decision layer after AdamW.")
   flags.DEFINE_string("psu_value", "exact", f"PSU batch value: {', '.join(PSU_VALUES)}.")
+  p = PSUConfig()
+  flags.DEFINE_float("psu_grad_max_decay", p.grad_max_decay,
+                     "Per-step decay of the running max of the grad norm that normalises the "
+                     "PSU's learning accuracy a~ (eq. 62); 1 = a plain running max.")
+  flags.DEFINE_string("psu_c_tilde_from", p.c_tilde_from,
+                      "Whose learning complexity c~ (eq. 63) sets the PSU's eta_mod: run (this "
+                      "model's units) or full (the same model with DMU and DTU on).")
   flags.DEFINE_string("mesh", d.mesh, "Device mesh, e.g. data=1,fsdp=-1,tensor=1.")
   flags.DEFINE_string("dtype", "float32", f"Compute dtype: {', '.join(DTYPES)} (params stay float32).")
   flags.DEFINE_bool("remat", False, "Rematerialise blocks in the backward pass (large models).")
@@ -85,7 +95,6 @@ def _choice(name: str, value: str, accepted) -> str:
 def build_config(F, **overrides):
   """Flags -> RunConfig; any invalid value ends the program with one line."""
   from stabjax.data import DataConfig
-  from stabjax.psu import PSUConfig
   from stabjax.train import RunConfig
 
   _choice("model", F.model, MODEL_CONFIGS)
@@ -93,6 +102,8 @@ def build_config(F, **overrides):
   _choice("dtu_scores", F.dtu_scores, DTU_SCORES)
   _choice("feedback", F.feedback, FEEDBACK_KINDS)
   _choice("psu_value", F.psu_value, PSU_VALUES)
+  _choice("optimizer", F.optimizer, OPTIMIZERS)
+  _choice("psu_c_tilde_from", F.psu_c_tilde_from, C_TILDE_FROM)
   _choice("dtype", F.dtype, DTYPES)
   if not 0.0 < F.c_tilde <= 1.0:
     fail(f"--c_tilde={F.c_tilde} is not accepted; accepted: a number in (0, 1]")
@@ -110,7 +121,7 @@ def build_config(F, **overrides):
     train = configs.TrainConfig(
         steps=F.steps, batch_size=F.batch_size, seq_len=F.seq_len, lr=F.lr,
         warmup_steps=F.warmup_steps, min_lr_ratio=F.min_lr_ratio, weight_decay=F.weight_decay,
-        clip_norm=F.clip_norm, alpha=F.alpha, feedback=F.feedback,
+        clip_norm=F.clip_norm, optimizer=F.optimizer, alpha=F.alpha, feedback=F.feedback,
         feedback_target=F.feedback_target, seed=F.seed, mesh=F.mesh, eval_every=F.eval_every,
         eval_batches=F.eval_batches, checkpoint_every=F.checkpoint_every,
         keep_checkpoints=F.keep_checkpoints, log_every=F.log_every)
@@ -122,7 +133,9 @@ def build_config(F, **overrides):
         num_samples=F.num_samples, prompt_len=F.prompt_len, max_new_tokens=F.max_new_tokens,
         temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, hf_top_k=F.hf_top_k,
         seed=F.seed)
-    cfg = RunConfig(model=model, train=train, psu=PSUConfig(enabled=F.psu, value=F.psu_value),
+    psu = PSUConfig(enabled=F.psu, value=F.psu_value, grad_max_decay=F.psu_grad_max_decay,
+                    c_tilde_from=F.psu_c_tilde_from)
+    cfg = RunConfig(model=model, train=train, psu=psu,
                     data=data, generation=generation)
   except ValueError as e:
     fail(str(e))
@@ -178,12 +191,22 @@ def run_and_report(cfg, dataset, workdir: str) -> dict:
   return summary
 
 
+SUMMARY_KEYS = ("hf_proportion", "hf_proportion_reference", "generative_entropy",
+                "effective_rank", "distinct_2", "distinct_2_reference", "seq_rep_4",
+                "unigram_kl", "zipf", "no_eos_share", "length_mean")
+
+
 def metrics_table(summary: dict) -> str:
   """The run's headline numbers as a two-column markdown table."""
   final, gen = summary["final"], summary.get("generation", {})
   rows = [("train loss", final.get("loss")), ("train entropy H(B_t)", final.get("entropy")),
-          ("val loss", final.get("val_loss")), ("val perplexity", final.get("val_ppl"))]
-  rows += [(k, v) for k, v in gen.items() if isinstance(v, (int, float))]
+          ("val loss", final.get("val_loss")), ("val perplexity", final.get("val_ppl")),
+          ("PSU update multiplier (mean)", summary.get("psu", {}).get("multiplier_mean"))]
+  for decoder, metrics in gen.items():
+    keys = {"sample": SUMMARY_KEYS, "synthetic": metrics}.get(
+        decoder, ("hf_proportion", "generative_entropy"))
+    rows += [(f"{decoder}/{k}", metrics.get(k)) for k in keys
+             if isinstance(metrics.get(k), (int, float))]
   lines = ["| metric | value |", "|---|---|"]
   lines += [f"| {k} | {v:.4g} |" for k, v in rows if v is not None]
   return "\n".join(lines)

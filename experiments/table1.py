@@ -86,15 +86,20 @@ def write_outputs(workdir: str, records: list[dict], models, seeds, alphas, elap
   metrics = [k for k, _ in cols]
   cfg0 = records[0]
 
+  decoders = [d for d in report.DECODER_TITLES
+              if any(report.decoder_key(d, "hf_proportion") in r for r in records)]
   hf_rows = []
   for m in models:
     for s in seeds:
-      row = [m, str(s)] + [report.fmt_percent(by_key[m, s, a].get("hf_proportion"))
-                           for a in alphas]
-      row.append(report.fmt_percent(by_key[m, s, alphas[0]].get("hf_proportion_reference")))
-      hf_rows.append(row)
+      for a in alphas:
+        r = by_key[m, s, a]
+        hf_rows.append([m, str(s), f"{a:g}"]
+                       + [report.fmt_percent(r.get(report.decoder_key(d, "hf_proportion")))
+                          for d in decoders]
+                       + [report.fmt_percent(r.get("hf_proportion_reference"))])
   hf_table = report.markdown_table(
-      ["model", "seed"] + [alpha_label(a) for a in alphas] + ["held-out reference"], hf_rows)
+      ["model", "seed", "α"] + [report.DECODER_TITLES[d] for d in decoders]
+      + ["held-out reference"], hf_rows)
 
   metric_rows = [[r["model"], str(r["seed"]), f"{r['alpha']:g}"] + [r.get(k) for k in metrics]
                  for r in records]
@@ -107,7 +112,7 @@ def write_outputs(workdir: str, records: list[dict], models, seeds, alphas, elap
     g["top_word_overlap"] = top_word_overlap(
         [report.sample_words(r["run_dir"]) for r in runs], k=cfg0["hf_top_k"])
   agg_rows = [[g["model"], f"{g['alpha']:g}", str(g["n"]), g["top_word_overlap"]]
-              + [report.fmt_mean_std(g.get(k), percent=k.startswith("hf_proportion"))
+              + [report.fmt_mean_std(g.get(k), percent="hf_proportion" in k)
                  for k in metrics] for g in agg]
   agg_table = report.markdown_table(
       ["model", "α", "seeds", f"top-{cfg0['hf_top_k']} word overlap (Jaccard)"]
@@ -121,8 +126,10 @@ def write_outputs(workdir: str, records: list[dict], models, seeds, alphas, elap
       f"{report.wall_time_note(records, elapsed_s)}",
       "",
       f"Cell: share of generated words among the top-{cfg0['hf_top_k']} most frequent "
-      "training-corpus words, in % (the paper's core metric). 'held-out reference' is the "
-      "same share on held-out validation text (the value of the data, not of a model).",
+      "training-corpus words, in % (the paper's core metric), per decoder (the paper does "
+      "not say how it decodes; each decoder continues the same prompts): sampling at "
+      "temperature 1, greedy, top-k 40, nucleus 0.9. 'held-out reference' is the same share "
+      "on held-out validation text (the value of the data, not of a model).",
       "",
       hf_table,
       "",

@@ -128,6 +128,7 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
 
 
 FEEDBACK_KINDS: tuple[str, ...] = ("entropy", "none")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,7 @@ class TrainConfig:
   min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
   weight_decay: float = 0.01
   clip_norm: float = 1.0
+  optimizer: str = "adamw"  # one of OPTIMIZERS; sgd: plain SGD + L2 decay (Lemma 4.1)
   b1: float = 0.9
   b2: float = 0.95
   alpha: float = 0.0  # feedback strength (eq. 61); also the PSU confidence factor
@@ -154,11 +156,13 @@ class TrainConfig:
   eval_batches: int = 4
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
-  log_every: int = 10
+  log_every: int = 1
 
   def __post_init__(self):
     if self.alpha < 0:
       raise ValueError(f"--alpha must be >= 0, got {self.alpha}")
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
     if self.feedback not in FEEDBACK_KINDS:
       raise ValueError(f"--feedback must be one of {', '.join(FEEDBACK_KINDS)}, got {self.feedback!r}")
     for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every",

@@ -24,7 +24,6 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,59 +225,6 @@ def learning_complexity(model_config: ModelConfig, seq_len: int) -> float:
   return float(actual / full)
 
 
-@flax.struct.dataclass
-class BatchStats:
-  """What the PSU reads of one training step (extra arg `stats` of `psu(...).update`).
-
-  All float32: scalars, and `fisher` [num_groups].
-
-  Attributes:
-    loss: L(theta_t; B_t), the training loss of this batch before the update.
-    entropy: H(B_t), eq. 67 (`predictive_entropy`).
-    grad_norm: the global gradient norm of this step (before clipping).
-    rarity: `token_rarity` of the batch.
-    fisher: `group_fisher` of this step's gradients.
-    c_tilde: learning complexity c~ (eq. 63, `learning_complexity`).
-    prev_loss_after: L(theta_t; B_{t-1}), the previous batch's loss measured after the
-      previous update (the caller's second forward). Completes the previous step's reward
-      in the PSU's exact value mode (eq. 65); ignored on the first step and in linear mode.
-  """
-
-  loss: jax.Array
-  entropy: jax.Array
-  grad_norm: jax.Array
-  rarity: jax.Array
-  fisher: jax.Array
-  c_tilde: jax.Array
-  prev_loss_after: jax.Array
-
-  @classmethod
-  def create(cls, *, loss, entropy, grad_norm, fisher, rarity=0.0, c_tilde=1.0,
-             prev_loss_after=0.0) -> "BatchStats":
-    """Builds the stats with every field cast to float32."""
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
-    return cls(loss=f32(loss), entropy=f32(entropy), grad_norm=f32(grad_norm),
-               rarity=f32(rarity), fisher=f32(fisher), c_tilde=f32(c_tilde),
-               prev_loss_after=f32(prev_loss_after))
-
-
-def batch_stats(*, loss: jax.Array, logits: jax.Array, mask: jax.Array | None, grads: PyTree,
-                groups: PyTree, num_groups: int, tokens: jax.Array | None = None,
-                neg_log_freq: jax.Array | None = None, c_tilde: float | jax.Array = 1.0,
-                prev_loss_after: float | jax.Array = 0.0) -> BatchStats:
-  """All of `BatchStats` from one step's loss, logits, mask and gradients.
-
-  `rarity` is 0 unless both `tokens` and `neg_log_freq` are given. For masked-LM
-  losses pass `mask` = the positions the loss is taken on.
-  """
-  rarity = (token_rarity(tokens, mask, neg_log_freq)
-            if tokens is not None and neg_log_freq is not None else 0.0)
-  return BatchStats.create(
-      loss=loss, entropy=predictive_entropy(logits, mask), grad_norm=global_norm(grads),
-      fisher=group_fisher(grads, groups, num_groups), rarity=rarity, c_tilde=c_tilde,
-      prev_loss_after=prev_loss_after)
-
-
 def neg_log_unigram_freq(counts: np.ndarray, smoothing: float = 1.0) -> np.ndarray:
   """-log of add-`smoothing` unigram frequencies from token counts [V] (for `token_rarity`)."""
   c = np.asarray(counts, np.float64) + smoothing
@@ -286,7 +232,7 @@ def neg_log_unigram_freq(counts: np.ndarray, smoothing: float = 1.0) -> np.ndarr
 
 
 __all__ = [
-    "BatchStats", "batch_stats", "feedback_loss", "global_norm", "group_fisher",
+    "feedback_loss", "global_norm", "group_fisher",
     "learning_complexity", "neg_log_unigram_freq", "param_groups", "predictive_entropy",
     "token_rarity",
 ]

@@ -2,8 +2,10 @@
 
 `psu(...)` is an `optax.GradientTransformationExtraArgs` that follows a base optimizer,
 
-    tx = optax.chain(optax.clip_by_global_norm(c), optax.adamw(schedule), psu(...))
-    updates, opt_state = tx.update(grads, opt_state, params, stats=stats, grads=grads)
+    tx = optax.chain(optax.clip_by_global_norm(c), optax.adamw(schedule),
+                     psu(config, alpha=alpha, c_tilde=c_tilde))
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss, grad=grads,
+                                   value_fn=loss_at, entropy=entropy, rarity=rarity)
 
 and turns the base optimizer's update u into (eq. 64, 69)
 
@@ -27,9 +29,9 @@ Where SPEC 6 interprets the paper:
   * c~ (eq. 63) is the analytic DMU/DTU compute fraction (`feedback.learning_complexity`).
   * Eq. 68 writes lambda (s_t - 1)^2; s_t is read as the precision factor gamma_t.
   * Alg. 1 line 4 writes gamma_b pi_phi grad L; we apply eq. 69 with eta_mod of eq. 64.
-  * V is measured exactly by the caller's second forward on the same batch after the
-    update ('exact'), or estimated to first order as -<g, u'> ('linear'). Either way the
-    reward of step t completes its replay-buffer entry at step t + 1.
+  * V is measured within the step: exactly, by calling `value_fn` (the same batch,
+    DMU masks and DTU key sets) at theta_t + u' ('exact', as optax's backtracking line
+    search evaluates its candidate), or to first order as -<grad, u'> ('linear').
   * V-bar over the first Delta - 1 steps is the mean of the values seen so far.
   * The paper's "periodically update phi by maximizing expected reward" is, every K
     steps, `policy_steps` Adam steps of REINFORCE on the replay buffer's entries of
@@ -57,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stabjax.feedback import BatchStats
+from stabjax.feedback import group_fisher, param_groups
 
 PyTree = Any
 
@@ -68,6 +70,7 @@ FEATURE_NAMES: tuple[str, ...] = (
 NUM_FEATURES = len(FEATURE_NAMES)
 VALUE_MODES = ("exact", "linear")
 BASELINES = ("moving_average", "features")
+C_TILDE_FROM = ("run", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +107,20 @@ class PSUConfig:
     max_policy_age: a policy update uses the entries sampled at most this many policy
       updates ago. 0 is on-policy REINFORCE: only the decisions of the current policy
       (the last K steps). Older entries enter through the clipped importance ratio.
-    value: 'exact' (V from the caller's second forward, `stats.prev_loss_after`)
-      or 'linear' (V = -<g, u'>, needs the `grads` extra arg).
+    value: 'exact' (V = value - value_fn(theta + u'), the `value_fn` extra arg at the
+      stepped parameters) or 'linear' (V = -<grad, u'>, no second forward).
     learn: False freezes the policy (no policy updates).
     stochastic: False takes the policy's mean action (gamma = exp(mean), S = {p > 1/2}).
     feature_decay: EMA decay of the running mean/variance that normalise the features.
     loss_ema_decay: EMA decay of the loss in the feature "loss minus its EMA".
-    grad_max_decay: the running max of the grad norm decays by this factor per step
-      (1.0 = a plain running max, SPEC 6).
+    grad_max_decay: a~'s normaliser, the running max of the grad norm, decays by this
+      factor per step before the max is taken (1.0 = a plain running max, which the
+      large warm-up gradients fix for the whole run; see README "PSU schedule").
+    c_tilde_from: whose c~ (eq. 63) the caller passes to `psu`: 'run', the analytic
+      compute fraction of the run's own model, or 'full', that of the same model with
+      both DMU and DTU on (their configured settings). The ablation's variants use
+      'full', so that each differs from the full model only in the unit it removes (and
+      not also in eta_mod = (2/pi) arctan(a~/c~)).
     feature_clip: normalised features are clipped to [-feature_clip, feature_clip].
   """
 
@@ -140,8 +149,9 @@ class PSUConfig:
   stochastic: bool = True
   feature_decay: float = 0.99
   loss_ema_decay: float = 0.95
-  grad_max_decay: float = 1.0
+  grad_max_decay: float = 0.95
   feature_clip: float = 5.0
+  c_tilde_from: str = "run"
 
   def __post_init__(self):
     if not 0.0 < self.gamma_min <= 1.0 <= self.gamma_max:
@@ -161,6 +171,11 @@ class PSUConfig:
       raise ValueError("need min_log_std <= init_log_std <= max_log_std")
     if self.max_policy_age < 0:
       raise ValueError(f"max_policy_age must be >= 0, got {self.max_policy_age}")
+    if not 0.0 < self.grad_max_decay <= 1.0:
+      raise ValueError(f"grad_max_decay must be in (0, 1], got {self.grad_max_decay}")
+    if self.c_tilde_from not in C_TILDE_FROM:
+      raise ValueError(f"c_tilde_from must be one of {', '.join(C_TILDE_FROM)}, "
+                       f"got {self.c_tilde_from!r}")
 
 
 class ReplayBuffer(NamedTuple):
@@ -185,16 +200,17 @@ class RunningStats(NamedTuple):
 
 
 class PSUMetrics(NamedTuple):
-  """The last step's decision and the last completed reward (of the previous step)."""
+  """The last step's decision and its reward."""
 
   gamma: jax.Array
   eta_mod: jax.Array
   a_tilde: jax.Array
   active_share: jax.Array
-  value: jax.Array  # V of the previous step (eq. 65)
+  multiplier: jax.Array  # gamma * eta_mod * active share: the update's effective scale
+  value: jax.Array  # V (eq. 65)
   value_bar: jax.Array  # V-bar (eq. 66)
-  confidence: jax.Array  # C of the previous step (eq. 67)
-  reward: jax.Array  # r of the previous step (eq. 68)
+  confidence: jax.Array  # C (eq. 67)
+  reward: jax.Array  # r (eq. 68)
   baseline: jax.Array
   advantage: jax.Array
   log_std: jax.Array
@@ -215,11 +231,7 @@ class PSUState(NamedTuple):
   loss_ema: RunningStats  # scalar
   grad_max: jax.Array  # float32, running max of the grad norm (eq. 62)
   rewards: RunningStats  # scalar, baseline = mean (eq. 68 rewards)
-  pending: jax.Array  # bool, the previous step's entry waits for its value
-  pending_loss: jax.Array  # L(theta_t; B_t) of the pending step
-  pending_entropy: jax.Array  # H(B_t) of the pending step
-  pending_gamma: jax.Array  # gamma_t of the pending step
-  pending_linear_value: jax.Array  # -<g_t, u'_t> of the pending step
+  active: jax.Array  # [G] bool, S_t of the last step (read by `train.masked_step`)
   metrics: PSUMetrics
 
 
@@ -258,19 +270,21 @@ def _running_init(shape=()) -> RunningStats:
                       jnp.zeros((), jnp.int32))
 
 
-def raw_features(stats: BatchStats, a_tilde: jax.Array, loss_ema: jax.Array) -> jax.Array:
-  """The state vector s_b before normalisation, in SPEC 6 order (`FEATURE_NAMES`)."""
+def raw_features(*, loss, loss_ema, grad_norm, a_tilde, c_tilde, rarity, entropy,
+                 fisher) -> jax.Array:
+  """The state vector s_b before normalisation, in SPEC 6 order (`FEATURE_NAMES`);
+  `fisher` is the [G] mean squared gradient per group (`feedback.group_fisher`)."""
   tiny = jnp.finfo(jnp.float32).tiny
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   return jnp.stack([
-      f32(stats.loss),
-      f32(stats.loss) - loss_ema,
-      jnp.log(f32(stats.grad_norm) + tiny),
-      a_tilde,
-      f32(stats.c_tilde),
-      f32(stats.rarity),
-      f32(stats.entropy),
-      jnp.mean(jnp.log(f32(stats.fisher) + tiny)),
+      f32(loss),
+      f32(loss) - f32(loss_ema),
+      jnp.log(f32(grad_norm) + tiny),
+      f32(a_tilde),
+      f32(c_tilde),
+      f32(rarity),
+      f32(entropy),
+      jnp.mean(jnp.log(f32(fisher) + tiny)),
   ])
 
 
@@ -353,21 +367,36 @@ def _policy_optimizer(config: PSUConfig) -> optax.GradientTransformation:
 # The transformation.
 
 
-def psu(config: PSUConfig, groups: PyTree, num_groups: int, *, alpha: float,
+def group_scale(per_group: jax.Array, groups: PyTree) -> PyTree:
+  """Per-group values [G] -> a tree with the params' structure of arrays broadcastable
+  to each parameter (a scalar, or [L, 1, ...] for scanned layers)."""
+  return jax.tree.map(lambda g: per_group[np.asarray(g)], groups)
+
+
+def psu(config: PSUConfig, *, alpha: float, c_tilde: float = 1.0,
         seed: int = 0) -> optax.GradientTransformationExtraArgs:
   """The PSU transformation (SPEC 6, Alg. 1, eq. 64-69).
 
   Args:
     config: `PSUConfig`.
-    groups: from `feedback.param_groups(params)`: the params' tree of int32 group ids.
-    num_groups: the number of groups.
     alpha: the feedback strength; sets the confidence factor C_t = exp(-alpha H(B_t)).
+    c_tilde: the learning complexity c~ of eq. 63 (`feedback.learning_complexity`; see
+      `PSUConfig.c_tilde_from`).
     seed: seeds the policy's initialisation and the action sampling.
 
   Returns:
-    A transformation whose `update(updates, state, params=None, *, stats, grads=None)`
-    takes `stats`, the step's `feedback.BatchStats`, and in linear value mode `grads`,
-    the step's gradients (same tree as the updates).
+    A transformation whose `init(params)` takes the parameters (arrays or
+    `jax.ShapeDtypeStruct`s; one group per top-level layer, `feedback.param_groups`) and
+    whose `update(updates, state, params, *, value, grad, value_fn, entropy, rarity=0.,
+    touched=None)` takes, like optax's `scale_by_backtracking_linesearch`:
+
+      value:    L(theta_t; B_t), the loss the gradients are of;
+      grad:     its gradients (the grad norm, a~ and the Fisher feature come from them);
+      value_fn: params -> L(params; B_t), the same batch with the same DMU masks and
+                DTU key sets; 'exact' mode evaluates it at theta_t + u' for V (eq. 65);
+      entropy:  H(B_t) (eq. 67); rarity: the batch's token rarity (a state feature);
+      touched:  optional tree of bools broadcastable to the params, the step's DMU
+                sub-network: u' is zero outside it (with S_t, the active subspace of eq. 69).
   """
   if not config.enabled:
     return optax.GradientTransformationExtraArgs(
@@ -375,11 +404,10 @@ def psu(config: PSUConfig, groups: PyTree, num_groups: int, *, alpha: float,
         lambda updates, state, params=None, **extra: (updates, state))
 
   policy_tx = _policy_optimizer(config)
-  group_leaves = [np.asarray(g, np.int32) for g in jax.tree.leaves(groups)]
   n_buf, delta = config.buffer_size, config.delta
 
   def init_fn(params) -> PSUState:
-    del params
+    _, num_groups, _ = param_groups(params)
     key, init_key = jax.random.split(jax.random.PRNGKey(seed))
     policy = _policy_init(init_key, config, num_groups)
     zero = jnp.zeros((), jnp.float32)
@@ -403,46 +431,12 @@ def psu(config: PSUConfig, groups: PyTree, num_groups: int, *, alpha: float,
         loss_ema=_running_init(),
         grad_max=zero,
         rewards=_running_init(),
-        pending=jnp.zeros((), bool),
-        pending_loss=zero, pending_entropy=zero, pending_gamma=zero, pending_linear_value=zero,
+        active=jnp.ones((num_groups,), bool),
         metrics=PSUMetrics(
-            gamma=zero, eta_mod=zero, a_tilde=zero, active_share=zero, value=zero,
-            value_bar=zero, confidence=zero, reward=zero, baseline=zero, advantage=zero,
-            log_std=jnp.asarray(config.init_log_std, jnp.float32),
+            gamma=zero, eta_mod=zero, a_tilde=zero, active_share=zero, multiplier=zero,
+            value=zero, value_bar=zero, confidence=zero, reward=zero, baseline=zero,
+            advantage=zero, log_std=jnp.asarray(config.init_log_std, jnp.float32),
             policy_updates=jnp.zeros((), jnp.int32)))
-
-  def complete_pending(state: PSUState, stats: BatchStats) -> PSUState:
-    """Step t - 1's value is known now: V, V-bar, C, r (eq. 65-68) into its buffer slot."""
-    if config.value == "exact":
-      value = state.pending_loss - jnp.asarray(stats.prev_loss_after, jnp.float32)
-    else:
-      value = state.pending_linear_value
-    window = state.window.at[state.window_count % delta].set(value)
-    window_count = state.window_count + 1
-    # Unwritten slots hold 0, so the sum over the ring is the sum of the last values.
-    value_bar = jnp.sum(window) / jnp.minimum(window_count, delta).astype(jnp.float32)
-    conf = confidence(state.pending_entropy, alpha)
-    r = reward(value_bar, conf, state.pending_gamma, config.penalty)
-    prior = state.rewards
-    if config.normalize_advantage:
-      # Needs a spread: at least two earlier rewards that differ.
-      ok = (prior.count >= 2) & (prior.var > 0)
-      adv = (r - prior.mean) * jax.lax.rsqrt(jnp.where(ok, prior.var, 1.0))
-      adv = jnp.clip(adv, -config.advantage_clip, config.advantage_clip)
-    else:
-      ok = prior.count >= 1
-      adv = r - prior.mean
-    adv = jnp.where(ok, adv, 0.0)
-    slot = (state.step - 1) % n_buf
-    buf = state.buffer
-    buf = buf._replace(reward=buf.reward.at[slot].set(r),
-                       advantage=buf.advantage.at[slot].set(adv),
-                       valid=buf.valid.at[slot].set(True))
-    rewards = _running_update(prior, r, config.baseline_decay)
-    metrics = state.metrics._replace(value=value, value_bar=value_bar, confidence=conf,
-                                     reward=r, baseline=rewards.mean, advantage=adv)
-    return state._replace(buffer=buf, window=window, window_count=window_count,
-                          rewards=rewards, metrics=metrics)
 
   def policy_update(state: PSUState) -> PSUState:
     use = usable(state)
@@ -463,29 +457,33 @@ def psu(config: PSUConfig, groups: PyTree, num_groups: int, *, alpha: float,
     age = state.metrics.policy_updates - state.buffer.version
     return state.buffer.valid & (age <= config.max_policy_age)
 
-  def update_fn(updates, state: PSUState, params=None, *, stats: BatchStats | None = None,
-                grads=None, **extra_args):
-    del params, extra_args
-    if stats is None:
-      raise ValueError("psu.update needs the step's BatchStats as the extra arg `stats`")
-    if config.value == "linear" and grads is None:
-      raise ValueError("psu with value='linear' needs the extra arg `grads`")
-    chex.assert_shape(stats.fisher, (num_groups,))
+  def update_fn(updates, state: PSUState, params=None, *, value=None, grad=None,
+                value_fn=None, entropy=None, rarity=0.0, touched=None, **extra_args):
+    del extra_args
+    missing = [n for n, v in (("value", value), ("grad", grad), ("entropy", entropy)) if v is None]
+    if config.value == "exact":
+      missing += [n for n, v in (("value_fn", value_fn), ("params", params)) if v is None]
+    if missing:
+      raise ValueError(f"psu.update needs the extra args {', '.join(missing)} "
+                       f"(value mode {config.value!r})")
+    groups, num_groups, _ = param_groups(updates)
+    chex.assert_shape(state.active, (num_groups,))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    loss = f32(value)
 
-    state = jax.lax.cond(state.pending, complete_pending, lambda s, _: s, state, stats)
-
-    # Features (SPEC 6) and their running normalisation.
-    grad_norm = jnp.asarray(stats.grad_norm, jnp.float32)
+    # Features (SPEC 6) and their running normalisation; a~ of eq. 62.
+    grad_norm = optax.tree.norm(grad)
     grad_max = jnp.maximum(config.grad_max_decay * state.grad_max, grad_norm)
     a_tilde = grad_norm / jnp.maximum(grad_max, jnp.finfo(jnp.float32).tiny)
-    prev_loss_ema = jnp.where(state.loss_ema.count > 0, state.loss_ema.mean,
-                              jnp.asarray(stats.loss, jnp.float32))
-    raw = raw_features(stats, a_tilde, prev_loss_ema)
+    prev_loss_ema = jnp.where(state.loss_ema.count > 0, state.loss_ema.mean, loss)
+    fisher = group_fisher(grad, groups, num_groups)
+    raw = raw_features(loss=loss, loss_ema=prev_loss_ema, grad_norm=grad_norm,
+                       a_tilde=a_tilde, c_tilde=c_tilde, rarity=f32(rarity),
+                       entropy=f32(entropy), fisher=fisher)
     feat_stats = _running_update(state.features, raw, config.feature_decay)
     feats = jnp.clip((raw - feat_stats.mean) * jax.lax.rsqrt(feat_stats.var + 1e-8),
                      -config.feature_clip, config.feature_clip)
-    loss_ema = _running_update(state.loss_ema, jnp.asarray(stats.loss, jnp.float32),
-                               config.loss_ema_decay)
+    loss_ema = _running_update(state.loss_ema, loss, config.loss_ema_decay)
 
     # Action a_b = (gamma_b, S_b) ~ pi_phi(. | s_b).
     key, k_gamma, k_active = jax.random.split(state.key, 3)
@@ -498,19 +496,37 @@ def psu(config: PSUConfig, groups: PyTree, num_groups: int, *, alpha: float,
     log_prob = policy_log_prob(state.policy, feats, log_gamma, active, config)
     gamma = jnp.clip(jnp.exp(log_gamma), config.gamma_min, config.gamma_max)
 
-    # u' = gamma * eta_mod * P_S(u), eq. 64 and 69.
-    em = eta_mod(a_tilde, jnp.asarray(stats.c_tilde, jnp.float32))
-    per_group = gamma * em * active.astype(jnp.float32)
-    leaves, treedef = jax.tree.flatten(updates)
-    if len(leaves) != len(group_leaves):
-      raise ValueError(f"updates have {len(leaves)} leaves, the groups {len(group_leaves)}")
-    new_leaves = [u * per_group[g].astype(u.dtype) for u, g in zip(leaves, group_leaves)]
-    new_updates = jax.tree.unflatten(treedef, new_leaves)
+    # u' = gamma * eta_mod * P_S(u), eq. 64 and 69; P_S also drops what the DMU masked.
+    em = eta_mod(a_tilde, jnp.float32(c_tilde))
+    scale = group_scale(gamma * em * active.astype(jnp.float32), groups)
+    new_updates = jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scale)
+    if touched is not None:
+      new_updates = jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros((), u.dtype)),
+                                 new_updates, touched)
 
-    linear_value = jnp.zeros((), jnp.float32)
-    if config.value == "linear":
-      linear_value = -sum(jnp.vdot(g.astype(jnp.float32), u.astype(jnp.float32))
-                          for g, u in zip(jax.tree.leaves(grads), new_leaves))
+    # V (eq. 65) within the step, on the same batch: exactly, or to first order.
+    if config.value == "exact":
+      v = loss - f32(value_fn(optax.apply_updates(params, new_updates)))
+    else:
+      v = -sum(jnp.vdot(g.astype(jnp.float32), u.astype(jnp.float32))
+               for g, u in zip(jax.tree.leaves(grad), jax.tree.leaves(new_updates)))
+    window = state.window.at[state.window_count % delta].set(v)
+    window_count = state.window_count + 1
+    # Unwritten slots hold 0, so the sum over the ring is the sum of the last values.
+    value_bar = jnp.sum(window) / jnp.minimum(window_count, delta).astype(jnp.float32)
+    conf = confidence(f32(entropy), alpha)
+    r = reward(value_bar, conf, gamma, config.penalty)
+    prior = state.rewards
+    if config.normalize_advantage:
+      # Needs a spread: at least two earlier rewards that differ.
+      ok = (prior.count >= 2) & (prior.var > 0)
+      adv = (r - prior.mean) * jax.lax.rsqrt(jnp.where(ok, prior.var, 1.0))
+      adv = jnp.clip(adv, -config.advantage_clip, config.advantage_clip)
+    else:
+      ok = prior.count >= 1
+      adv = r - prior.mean
+    adv = jnp.where(ok, adv, 0.0)
+    rewards = _running_update(prior, r, config.baseline_decay)
 
     slot = state.step % n_buf
     buf = state.buffer
@@ -519,19 +535,19 @@ def psu(config: PSUConfig, groups: PyTree, num_groups: int, *, alpha: float,
         log_gamma=buf.log_gamma.at[slot].set(log_gamma),
         active=buf.active.at[slot].set(active),
         log_prob=buf.log_prob.at[slot].set(log_prob),
-        reward=buf.reward.at[slot].set(0.0),
-        advantage=buf.advantage.at[slot].set(0.0),
-        valid=buf.valid.at[slot].set(False),
+        reward=buf.reward.at[slot].set(r),
+        advantage=buf.advantage.at[slot].set(adv),
+        valid=buf.valid.at[slot].set(True),
         version=buf.version.at[slot].set(state.metrics.policy_updates))
+    active_share = jnp.mean(active.astype(jnp.float32))
     metrics = state.metrics._replace(
-        gamma=gamma, eta_mod=em, a_tilde=a_tilde,
-        active_share=jnp.mean(active.astype(jnp.float32)), log_std=log_std)
+        gamma=gamma, eta_mod=em, a_tilde=a_tilde, active_share=active_share,
+        multiplier=gamma * em * active_share, value=v, value_bar=value_bar, confidence=conf,
+        reward=r, baseline=rewards.mean, advantage=adv, log_std=log_std)
     state = state._replace(
-        step=state.step + 1, key=key, buffer=buf, features=feat_stats, loss_ema=loss_ema,
-        grad_max=grad_max, pending=jnp.ones((), bool),
-        pending_loss=jnp.asarray(stats.loss, jnp.float32),
-        pending_entropy=jnp.asarray(stats.entropy, jnp.float32),
-        pending_gamma=gamma, pending_linear_value=linear_value, metrics=metrics)
+        step=state.step + 1, key=key, buffer=buf, window=window, window_count=window_count,
+        features=feat_stats, loss_ema=loss_ema, grad_max=grad_max, rewards=rewards,
+        active=active, metrics=metrics)
 
     if config.learn:
       do_update = (state.step % config.update_every == 0) & jnp.any(usable(state))
@@ -566,6 +582,6 @@ def psu_metrics(opt_state: PyTree) -> dict[str, jax.Array]:
 
 __all__ = [
     "FEATURE_NAMES", "PSUConfig", "PSUMetrics", "PSUState", "ReplayBuffer", "confidence",
-    "eta_mod", "find_psu_state", "policy_apply", "policy_log_prob", "psu", "psu_metrics",
+    "eta_mod", "find_psu_state", "group_scale", "policy_apply", "policy_log_prob", "psu", "psu_metrics",
     "raw_features", "reinforce_loss", "reward",
 ]

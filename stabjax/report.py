@@ -42,12 +42,13 @@ def run_name(model: str, seed: int, alpha: float, variant: str = "full") -> str:
 
 def override_config(cfg: Any, *, model: str | None = None, seed: int | None = None,
                     alpha: float | None = None, dmu: bool | None = None,
-                    dtu: bool | None = None) -> Any:
+                    dtu: bool | None = None, psu_c_tilde_from: str | None = None) -> Any:
   """`cfg` (a RunConfig) for one condition of a sweep.
 
   `model` swaps the shape (layers, widths, vocabulary, positions) for the named size and
   keeps the numerics and the DMU/DTU settings; `seed` sets the run seed and the
-  generation seed; `dmu` / `dtu` switch a unit on or off (the Figure 2 ablation).
+  generation seed; `dmu` / `dtu` switch a unit on or off (the Figure 2 ablation), and
+  `psu_c_tilde_from` says whose c~ the PSU uses (`PSUConfig.c_tilde_from`).
   """
   from stabjax import configs
 
@@ -66,7 +67,10 @@ def override_config(cfg: Any, *, model: str | None = None, seed: int | None = No
     gen = dataclasses.replace(gen, seed=seed)
   if alpha is not None:
     train = dataclasses.replace(train, alpha=alpha)
-  return dataclasses.replace(cfg, model=m, train=train, generation=gen)
+  psu = cfg.psu
+  if psu_c_tilde_from is not None:
+    psu = dataclasses.replace(psu, c_tilde_from=psu_c_tilde_from)
+  return dataclasses.replace(cfg, model=m, train=train, generation=gen, psu=psu)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -184,8 +188,23 @@ def _check_config(run_dir: str, to_dict, cfg, reused: bool) -> None:
 # ------------------------------------------------------------------------------ records
 
 # The headline metrics of a run, in table order: (record key, column title).
+# The decoder whose metrics are the unprefixed headline columns; the others' HF
+# proportions have columns of their own (decoding is a measured axis, SPEC 9).
+HEADLINE_DECODER = "sample"
+DECODER_TITLES = {"sample": "sampling", "greedy": "greedy", "top_k": "top-k 40",
+                  "nucleus": "nucleus 0.9"}
+
+
+def decoder_key(decoder: str, metric: str) -> str:
+  """The record key of `metric` under `decoder` (see `run_record`)."""
+  return metric if decoder == HEADLINE_DECODER else f"{decoder}/{metric}"
+
+
 HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
-    ("hf_proportion", "HF prop."),
+    ("hf_proportion", "HF prop. (sampling)"),
+    ("greedy/hf_proportion", "HF prop. (greedy)"),
+    ("top_k/hf_proportion", "HF prop. (top-k 40)"),
+    ("nucleus/hf_proportion", "HF prop. (nucleus 0.9)"),
     ("hf_proportion_reference", "HF prop. (held-out ref.)"),
     ("generative_entropy", "gen. entropy (nats)"),
     ("effective_rank", "eff. rank"),
@@ -195,6 +214,7 @@ HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
     ("no_eos_share", "no-EOS share"),
     ("train_loss", "train loss"),
     ("train_entropy", "train H(B_t) (nats)"),
+    ("psu_multiplier", "PSU update multiplier (mean)"),
 )
 SYNTHETIC_METRICS: tuple[tuple[str, str], ...] = (
     ("syn/support_mass", "P(S_0)"),
@@ -216,7 +236,10 @@ def run_wall_time(run_dir: str) -> float | None:
 
 
 def run_record(labels: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any]:
-  """Labels plus the run's headline metrics (final train/eval values, generation metrics)."""
+  """Labels plus the run's headline metrics: final train/eval values, the PSU's mean
+  update multiplier, the generation metrics of the headline decoder (`HEADLINE_DECODER`,
+  unprefixed), of the other decoders as '<decoder>/<metric>', and the synthetic-language
+  quantities as 'syn/<metric>'."""
   final, gen = summary.get("final", {}), summary.get("generation", {})
   rec = dict(labels)
   if summary.get("workdir"):
@@ -225,9 +248,11 @@ def run_record(labels: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[st
   rec["train_entropy"] = final.get("entropy")
   rec["val_loss"] = final.get("val_loss")
   rec["val_ppl"] = final.get("val_ppl")
-  for k, v in gen.items():
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-      rec[k] = v
+  rec["psu_multiplier"] = summary.get("psu", {}).get("multiplier_mean")
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  for group, metrics in gen.items():
+    prefix = {HEADLINE_DECODER: "", "synthetic": "syn/"}.get(group, f"{group}/")
+    rec.update({prefix + k: v for k, v in metrics.items() if number(v)})
   return rec
 
 
@@ -239,15 +264,16 @@ def wall_time_note(records: Sequence[Mapping[str, Any]], elapsed_s: float) -> st
           f"this invocation took {elapsed_s / 60:.1f} min (reused runs cost nothing).")
 
 
-def sample_words(run_dir: str) -> list[str]:
-  """The words (SPEC 9: lowercase [a-z']+ runs) of a run's generated samples.txt."""
-  from stabjax.metrics.text import words
+def sample_words(run_dir: str, decoder: str = HEADLINE_DECODER) -> list[str]:
+  """The words (SPEC 9) of a run's generations under `decoder` (from its samples.txt)."""
+  from stabjax.degeneration import parse_samples
+  from stabjax.words import words
 
   path = os.path.join(run_dir, "samples.txt")
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return words(f.read())  # the "[i] " prefixes hold no letters
+    return [w for text in parse_samples(f.read()).get(decoder, []) for w in words(text)]
 
 
 def metric_columns(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:

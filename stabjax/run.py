@@ -25,7 +25,8 @@ from tensorboardX import SummaryWriter
 from stabjax import degeneration, sharding
 from stabjax.checkpoint import Checkpointer, SigtermFlag
 from stabjax.data import make_iterator
-from stabjax.train import RunConfig, SpecialIds, Trainer, lr_schedule
+from stabjax.optim import lr_schedule
+from stabjax.train import RunConfig, SpecialIds, Trainer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -174,15 +175,20 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
                                               cfg.generation)
     summary["generation"] = gen_metrics
     with open(os.path.join(workdir, "samples.txt"), "w") as f:
-      f.write("\n\n".join(f"[{i}] {t}" for i, t in enumerate(texts)) + "\n")
+      f.write(degeneration.format_samples(texts))
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
   return summary
 
 
 def final_summary(history: list[dict]) -> dict[str, Any]:
-  """Last value of each logged metric."""
+  """Last value of each logged metric, and the PSU's schedule averaged over logged steps."""
   last: dict[str, Any] = {}
   for row in history:
     last.update({k: v for k, v in row.items() if k != "step"})
-  return {"final": last}
+  out: dict[str, Any] = {"final": last}
+  psu_keys = ("multiplier", "eta_mod", "gamma", "active_share", "a_tilde")
+  rows = [r for r in history if "psu/multiplier" in r]
+  if rows:
+    out["psu"] = {f"{k}_mean": float(np.mean([r[f"psu/{k}"] for r in rows])) for k in psu_keys}
+  return out

@@ -1,8 +1,9 @@
 """The BAARA training step, the evaluation step and the sharded train state (SPEC section 7).
 
 One step: forward with DMU/DTU masks -> loss = MLE + feedback (eq. 61) -> gradients ->
-batch statistics -> clip -> AdamW -> PSU (eq. 64, 69) -> apply -> optional second forward
-on the same batch with the same masks for the PSU's exact value (eq. 65) -> metrics.
+clip -> AdamW (or SGD) -> PSU (eq. 64, 69; its exact value V, eq. 65, is a second
+forward on the same batch with the same DMU masks and DTU key sets) -> apply, with
+nothing outside the step's sub-network changed (`optim.masked_step`) -> metrics.
 
 The step is `jax.jit` with explicit in/out shardings on a ('data', 'fsdp', 'tensor') mesh;
 the state is created already sharded from abstract shapes. Step randomness is
@@ -22,12 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from stabjax import feedback, sharding
+from stabjax import feedback, optim, sharding
 from stabjax.configs import ModelConfig, TrainConfig
 from stabjax.data import DataConfig
 from stabjax.degeneration import GenerationEvalConfig
 from stabjax.models import get_model
-from stabjax.psu import PSUConfig, psu, psu_metrics
+from stabjax.models.dmu import touched_params
+from stabjax.psu import PSUConfig, psu_metrics
+
+# Flax collections a training forward writes: the DMU's masks (which weights the step
+# used) and the DTU's key scores (which fix its key sets for the PSU's second forward).
+STEP_COLLECTIONS = ("dmu_masks", "dtu_scores")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +53,6 @@ class TrainState:
   params: Any
   opt_state: Any
   key: jax.Array  # uint32[2]; step keys are fold_in(key, step)
-  loss_after: jax.Array  # L(theta_step; B_{step-1}), the previous batch after its update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +80,13 @@ def _masked_mean(x: jax.Array, m: jax.Array) -> jax.Array:
 
 def mlm_corrupt(key: jax.Array, tokens: jax.Array, mask: jax.Array, ids: SpecialIds,
                 vocab_size: int, prob: float) -> tuple[jax.Array, jax.Array]:
-  """BERT masking: `prob` of the real, non-special tokens; of those 80% [MASK], 10% random, 10% kept."""
+  """BERT masking: `prob` of the real tokens but BOS; of those 80% [MASK], 10% random, 10% kept.
+
+  EOS is a target like any word, so a BERT model learns where text ends and its
+  mask-predict generations can end (without it no generation ever emitted EOS).
+  """
   k_sel, k_kind, k_rand = jax.random.split(key, 3)
-  special = (tokens == ids.pad) | (tokens == ids.bos) | (tokens == ids.eos)
+  special = (tokens == ids.pad) | (tokens == ids.bos)
   selected = jax.random.bernoulli(k_sel, prob, tokens.shape) & (mask > 0) & ~special
   kind = jax.random.uniform(k_kind, tokens.shape)
   random_tokens = jax.random.randint(k_rand, tokens.shape, 0, vocab_size, tokens.dtype)
@@ -87,21 +96,32 @@ def mlm_corrupt(key: jax.Array, tokens: jax.Array, mask: jax.Array, ids: Special
 
 
 def make_loss_fn(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig, ids: SpecialIds):
-  """loss_fn(params, batch, key, deterministic) -> (loss, aux) for GPT-2 (next token) or BERT (MLM)."""
+  """loss_fn(params, batch, key, deterministic=False, frozen=None) -> (loss, aux) for GPT-2
+  (next token) or BERT (MLM).
+
+  aux holds nll, entropy, nll_sum, tokens and `collections`: what the forward wrote to
+  `STEP_COLLECTIONS`. Passing those back as `frozen` (with the same key) replays the
+  forward with the same DMU masks and DTU key sets at other parameters.
+  """
   alpha = train_cfg.alpha if train_cfg.feedback == "entropy" else 0.0
 
-  def loss_fn(params, batch, key, deterministic=False):
+  def loss_fn(params, batch, key, deterministic=False, frozen=None):
     tokens, mask = batch["tokens"], batch["mask"]
     k_dmu, k_dtu, k_drop, k_mlm = jax.random.split(key, 4)
     rngs = {"dmu": k_dmu, "dtu": k_dtu, "dropout": k_drop}
+    variables = {"params": params, **(frozen or {})}
+    mutable = [] if frozen is not None or deterministic else list(STEP_COLLECTIONS)
     if model_cfg.causal:
-      logits = model.apply({"params": params}, tokens, deterministic=deterministic, rngs=rngs)
-      logits, targets, weights = logits[:, :-1], tokens[:, 1:], mask[:, 1:]
+      inputs, kw = tokens, {}
     else:
       inputs, weights = mlm_corrupt(k_mlm, tokens, mask, ids, model_cfg.vocab_size,
                                     train_cfg.mlm_prob)
-      logits = model.apply({"params": params}, inputs, attention_mask=mask,
-                           deterministic=deterministic, rngs=rngs)
+      kw = {"attention_mask": mask}
+    logits, collections = model.apply(variables, inputs, deterministic=deterministic,
+                                      rngs=rngs, mutable=mutable, **kw)
+    if model_cfg.causal:
+      logits, targets, weights = logits[:, :-1], tokens[:, 1:], mask[:, 1:]
+    else:
       targets = tokens
     nll_tokens = _token_nll(logits, targets)
     nll = _masked_mean(nll_tokens, weights)
@@ -110,39 +130,10 @@ def make_loss_fn(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfi
     if alpha > 0:
       loss = nll + feedback.feedback_loss(entropy, alpha, train_cfg.feedback_target)
     aux = {"nll": nll, "entropy": entropy, "nll_sum": jnp.sum(nll_tokens * weights),
-           "tokens": jnp.sum(weights.astype(jnp.float32))}
+           "tokens": jnp.sum(weights.astype(jnp.float32)), "collections": dict(collections)}
     return loss, aux
 
   return loss_fn
-
-
-# ------------------------------------------------------------------------- optimizer
-
-
-def _decay_mask(params):
-  """Weight decay on kernels and embeddings only, not on biases or LayerNorm scales."""
-  def keep(path, _):
-    name = str(getattr(path[-1], "key", path[-1]))
-    return not (name.endswith("bias") or name == "scale")
-  return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def lr_schedule(t: TrainConfig) -> optax.Schedule:
-  """Linear warmup from 0, then cosine decay to lr * min_lr_ratio at the last step."""
-  warmup = min(t.warmup_steps, t.steps - 1) if t.steps > 1 else 0
-  return optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, t.steps,
-                                            end_value=t.lr * t.min_lr_ratio)
-
-
-def make_optimizer(cfg: RunConfig, abstract_params) -> optax.GradientTransformationExtraArgs:
-  t = cfg.train
-  parts = [optax.clip_by_global_norm(t.clip_norm),
-           optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                       mask=_decay_mask)]
-  if cfg.psu.enabled:
-    groups, num_groups, _ = feedback.param_groups(abstract_params)
-    parts.append(psu(cfg.psu, groups, num_groups, alpha=t.alpha, seed=t.seed))
-  return optax.chain(*parts)
 
 
 # ------------------------------------------------------------------------ the system
@@ -183,48 +174,44 @@ class Trainer:
     param_key, state_key = jax.random.split(seed_key)
     abstract_boxed = jax.eval_shape(init_params, param_key)
     abstract_params = nn.unbox(abstract_boxed)
-    tx = make_optimizer(cfg, abstract_params)
+    units = cfg.model
+    if cfg.psu.c_tilde_from == "full":
+      units = units.replace(dmu=dataclasses.replace(units.dmu, enabled=True),
+                            dtu=dataclasses.replace(units.dtu, enabled=True))
+    c_tilde = feedback.learning_complexity(units, t.seq_len)
+    tx = optim.make_optimizer(t, cfg.psu, c_tilde)
 
     def init_fn():
       params = nn.unbox(init_params(param_key))
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                        key=state_key, loss_after=jnp.zeros((), jnp.float32))
+                        key=state_key)
 
     abstract_state = jax.eval_shape(init_fn)
     param_sh = sharding.logical_shardings(abstract_boxed, mesh)
     repl = sharding.replicated(mesh)
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state.opt_state, param_sh,
-                                   transform_non_params=lambda _: repl,
-                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, key=repl, loss_after=repl)
+    opt_sh = optim.map_params_like(lambda _: param_sh, jax.tree.structure(abstract_params),
+                                   abstract_state.opt_state, other=lambda _: repl)
+    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, key=repl)
     batch_sh = sharding.batch_sharding(mesh)
-
     loss_fn = make_loss_fn(model, cfg.model, t, ids)
-    c_tilde = feedback.learning_complexity(cfg.model, t.seq_len)
-    psu_exact = cfg.psu.enabled and cfg.psu.value == "exact"
-    groups, num_groups, _ = feedback.param_groups(abstract_params)
 
     def train_step(state: TrainState, batch: dict, neg_log_freq: jax.Array):
       key = jax.random.fold_in(state.key, state.step)
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
-      stats = feedback.BatchStats(
-          loss=loss, entropy=aux["entropy"], grad_norm=optax.tree.norm(grads),
+      collections = {k: v for k, v in aux["collections"].items() if v}
+      # L(.; B_t) with this step's DMU masks and DTU key sets, for the PSU's V (eq. 65).
+      value_fn = lambda p: loss_fn(p, batch, key, frozen=collections)[0]
+      updates, opt_state = tx.update(
+          grads, state.opt_state, state.params, value=loss, grad=grads, value_fn=value_fn,
+          entropy=aux["entropy"],
           rarity=feedback.token_rarity(batch["tokens"], batch["mask"], neg_log_freq),
-          fisher=feedback.group_fisher(grads, groups, num_groups),
-          c_tilde=jnp.float32(c_tilde), prev_loss_after=state.loss_after)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params, stats=stats,
-                                     grads=grads)
+          touched=touched_params(state.params, collections.get("dmu_masks", {})))
       params = optax.apply_updates(state.params, updates)
-      # The PSU's exact value (eq. 65): the same batch and masks after the update.
-      loss_after = loss_fn(params, batch, key)[0] if psu_exact else jnp.zeros((), jnp.float32)
       metrics = {"loss": loss, "nll": aux["nll"], "entropy": aux["entropy"],
-                 "grad_norm": stats.grad_norm, "update_norm": optax.tree.norm(updates),
+                 "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
                  "tokens": aux["tokens"]}
-      if cfg.psu.enabled:
-        metrics.update({f"psu/{k}": v for k, v in psu_metrics(_psu_state(opt_state)).items()})
-      new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                loss_after=loss_after)
-      return new_state, metrics
+      metrics.update({f"psu/{k}": v for k, v in psu_metrics(opt_state).items()})
+      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def eval_step(params, batch, key):
       _, aux = loss_fn(params, batch, key, deterministic=True)
@@ -267,6 +254,3 @@ class Trainer:
       return self.train_step.__wrapped__.lower(state, batch, freq)
 
 
-def _psu_state(opt_state):
-  """The PSU's state inside the optax.chain state (its last member)."""
-  return opt_state[-1]

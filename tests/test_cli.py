@@ -56,6 +56,16 @@ def test_default_gpt2_run_learns_and_writes_its_workdir(tmp_path):
   s = summary(wd)
   assert s["status"] == "finished" and s["step"] == 30
   assert np.isfinite(s["final"]["val_ppl"])
+  # Every decoder measured from the same prompts; the synthetic language's held-out text
+  # is English-like in its top-20 share; the PSU's schedule is summarised.
+  for decoder in ("sample", "greedy", "top_k", "nucleus"):
+    assert 0.0 <= s["generation"][decoder]["hf_proportion"] <= 1.0, decoder
+  assert 0.20 <= s["generation"]["sample"]["hf_proportion_reference"] <= 0.35
+  rows = [json.loads(line) for line in open(wd / "metrics.jsonl")]
+  mult = [r["psu/multiplier"] for r in rows if "psu/multiplier" in r]
+  assert len(mult) == 30 // 5
+  np.testing.assert_allclose(s["psu"]["multiplier_mean"], np.mean(mult), rtol=1e-6)
+  assert 0.0 < s["psu"]["multiplier_mean"] <= 2.0
 
 
 def test_bert_tiny_trains_with_mlm_loss(tmp_path):
@@ -95,6 +105,9 @@ BAD_FLAGS = [
     ("--data=ftp:x", "data"),
     ("--data=text:/nonexistent/file.txt", "/nonexistent/file.txt"),
     ("--seq_len=1", "seq_len"),
+    ("--optimizer=adam", "--optimizer"),
+    ("--psu_grad_max_decay=0", "grad_max_decay"),
+    ("--psu_c_tilde_from=half", "--psu_c_tilde_from"),
 ]
 
 

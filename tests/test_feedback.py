@@ -143,29 +143,6 @@ def test_learning_complexity_by_hand():
   assert feedback.learning_complexity(bert, 4) == pytest.approx(2240 / 4032, rel=1e-12)
 
 
-def test_batch_stats_is_a_pytree_of_float32():
-  rng = np.random.default_rng(3)
-  grads = {"a": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.ones((2,))}
-  groups, n, _ = feedback.param_groups(grads)
-  logits = jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)
-  tokens = jnp.asarray(rng.integers(0, 5, size=(2, 3)))
-  nlf = jnp.arange(5, dtype=jnp.float32)
-
-  @jax.jit
-  def f(grads, logits):
-    return feedback.batch_stats(loss=jnp.float32(1.5), logits=logits, mask=None, grads=grads,
-                                groups=groups, num_groups=n, tokens=tokens, neg_log_freq=nlf,
-                                c_tilde=0.25, prev_loss_after=1.25)
-
-  stats = f(grads, logits)
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(stats))
-  chex.assert_shape(stats.fisher, (n,))
-  np.testing.assert_allclose(stats.entropy, feedback.predictive_entropy(logits), rtol=1e-6)
-  np.testing.assert_allclose(stats.rarity, np.asarray(nlf)[np.asarray(tokens)].mean(), rtol=1e-6)
-  np.testing.assert_allclose(stats.grad_norm, feedback.global_norm(grads), rtol=1e-6)
-  assert float(stats.c_tilde) == 0.25 and float(stats.prev_loss_after) == 1.25
-
-
 # ----------------------------------------------------------------------------------------
 # The loop itself on a toy softmax model: logits theta [V], data tokens i.i.d. from p*.
 

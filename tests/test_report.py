@@ -64,14 +64,20 @@ def test_seed_aggregate_matches_numpy():
 
 def test_run_record_and_metric_columns():
   summary = {"final": {"loss": 2.5, "entropy": 1.5, "val_loss": 2.0, "val_ppl": math.e ** 2},
-             "generation": {"hf_proportion": 0.75, "syn/forward_kl": 0.1, "syn/support_mass": 0.9,
-                            "syn/model_entropy": 3.0, "flag": True, "hist": [1, 2]}}
+             "psu": {"multiplier_mean": 0.8, "eta_mod_mean": 0.6},
+             "generation": {"sample": {"hf_proportion": 0.75, "flag": True, "hist": [1, 2]},
+                            "greedy": {"hf_proportion": 0.95},
+                            "synthetic": {"forward_kl": 0.1, "support_mass": 0.9,
+                                          "model_entropy": 3.0}}}
   rec = report.run_record({"model": "m", "alpha": 0.2}, summary)
   assert rec == {"model": "m", "alpha": 0.2, "train_loss": 2.5, "train_entropy": 1.5,
-                 "val_loss": 2.0, "val_ppl": math.e ** 2, "hf_proportion": 0.75,
+                 "val_loss": 2.0, "val_ppl": math.e ** 2, "psu_multiplier": 0.8,
+                 "hf_proportion": 0.75, "greedy/hf_proportion": 0.95,
                  "syn/forward_kl": 0.1, "syn/support_mass": 0.9, "syn/model_entropy": 3.0}
+  assert rec[report.decoder_key("greedy", "hf_proportion")] == 0.95
   cols = [k for k, _ in report.metric_columns([rec])]
   assert cols[-3:] == ["syn/support_mass", "syn/forward_kl", "syn/model_entropy"]
+  assert "greedy/hf_proportion" in cols and "psu_multiplier" in cols
   assert cols == [k for k, _ in report.metric_columns([{"model": "bert"}, rec])]
   assert "syn/forward_kl" not in [k for k, _ in report.metric_columns([{"model": "bert"}])]
 

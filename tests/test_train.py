@@ -12,11 +12,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from stabjax import configs
-from stabjax.psu import PSUConfig
-from stabjax.train import RunConfig, SpecialIds, Trainer, mlm_corrupt
+from stabjax.psu import PSUConfig, find_psu_state
+from stabjax.train import RunConfig, SpecialIds, Trainer, make_loss_fn, mlm_corrupt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDS = SpecialIds(pad=0, bos=1, eos=2, mask=3)
@@ -41,15 +42,18 @@ def random_batch(seed, cfg: RunConfig):
 
 
 def test_mlm_corruption_rates():
-  tokens = jnp.full((64, 256), 10, jnp.int32).at[:, 0].set(IDS.bos)
+  tokens = jnp.full((64, 256), 10, jnp.int32).at[:, 0].set(IDS.bos).at[:, 100].set(IDS.eos)
   mask = jnp.ones_like(tokens).at[:, -16:].set(0)
   inputs, selected = mlm_corrupt(jax.random.PRNGKey(0), tokens, mask, IDS, 64, 0.15)
   chex.assert_shape([inputs, selected], tokens.shape)
-  sel = np.asarray(selected)
+  sel = np.array(selected)
   assert not sel[:, 0].any() and not sel[:, -16:].any()  # never BOS or padding
+  assert 2 <= sel[:, 100].sum() <= 20  # EOS is a target like any word (64 x 0.15 ~ 10)
   n = sel.sum()
   assert abs(n / (64 * 239) - 0.15) < 3 * np.sqrt(0.15 * 0.85 / (64 * 239))
-  inp = np.asarray(inputs)[sel]
+  on_words = sel.copy()
+  on_words[:, 100] = False
+  inp = np.asarray(inputs)[on_words]
   assert abs(np.mean(inp == IDS.mask) - 0.8) < 0.03
   assert abs(np.mean(inp == 10) - 0.1 - 0.9 / 64 * 0.1) < 0.03  # kept, or random that hit 10
   assert (np.asarray(inputs)[~sel] == np.asarray(tokens)[~sel]).all()
@@ -73,13 +77,118 @@ def test_step_lowers_loss_and_keeps_state_shapes(arch):
   assert np.isfinite(float(m["psu/gamma"]))
 
 
-def test_feedback_off_at_alpha_zero_gives_plain_nll():
-  cfg = tiny_config(alpha=0.0, psu=False)
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+def test_step_loss_is_numpy_nll_plus_feedback(alpha):
+  """Units off, so the training forward is the plain model: the step's nll/loss against a
+  NumPy cross-entropy of the next tokens over the real (unpadded) positions."""
+  cfg = tiny_config(alpha=alpha, psu=False)
+  cfg = RunConfig(model=cfg.model.replace(dmu=configs.DMUConfig(enabled=False),
+                                          dtu=configs.DTUConfig(enabled=False)),
+                  train=cfg.train, psu=cfg.psu)
   trainer = Trainer.create(cfg, IDS)
   state = trainer.init_state()
-  _, m = trainer.train_step(state, trainer.put_batch(random_batch(1, cfg)),
-                            jnp.zeros((64,), jnp.float32))
-  assert float(m["loss"]) == float(m["nll"])
+  params = jax.device_get(state.params)
+  batch = random_batch(1, cfg)
+  batch["mask"][:3, -5:] = 0  # padding at the end of three rows
+  batch["tokens"][batch["mask"] == 0] = IDS.pad
+  _, m = trainer.train_step(state, trainer.put_batch(batch), jnp.zeros((64,), jnp.float32))
+  logits = np.asarray(trainer.model.apply({"params": params}, batch["tokens"]), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  nll = -np.take_along_axis(logp[:, :-1], batch["tokens"][:, 1:, None], -1)[..., 0]
+  w = batch["mask"][:, 1:].astype(bool)
+  ent = -(np.exp(logp[:, :-1]) * logp[:, :-1]).sum(-1)
+  np.testing.assert_allclose(float(m["nll"]), nll[w].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m["entropy"]), ent[w].mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m["loss"]), nll[w].mean() + alpha / 2 * ent[w].mean() ** 2,
+                             rtol=1e-5)
+
+
+def _dmu_leaves(tree):
+  return {f"{k}/{n}": tree[k]["mlp"][n] for k in sorted(tree) if k.startswith("block_")
+          for n in ("wi_kernel", "wi_bias", "wo_kernel", "wo_bias")}
+
+
+def _adam(opt_state):
+  return next(s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+              if isinstance(s, optax.ScaleByAdamState))
+
+
+@pytest.mark.parametrize("mode", ["dfix", "dprob", "dmu2_prob", "dmu2_fix"])
+def test_step_changes_only_the_sampled_sub_network(mode):
+  """After momentum has built up, one AdamW step (DMU c~ = 0.5) leaves every MLP weight
+  outside this step's sub-network, and its Adam moments, exactly as they were. The
+  sub-network is found independently of the code under test: the entries whose gradient
+  at this step's key is nonzero."""
+  cfg = tiny_config(psu=False, lr=1e-2)
+  cfg = RunConfig(model=cfg.model.replace(dmu=configs.DMUConfig(enabled=True, c_tilde=0.5,
+                                                                mode=mode)),
+                  train=cfg.train, psu=cfg.psu)
+  trainer = Trainer.create(cfg, IDS)
+  state = trainer.init_state()
+  freq = jnp.zeros((64,), jnp.float32)
+  for i in range(3):
+    state, _ = trainer.train_step(state, trainer.put_batch(random_batch(i, cfg)), freq)
+  batch = random_batch(7, cfg)
+  loss_fn = make_loss_fn(trainer.model, cfg.model, cfg.train, IDS)
+  key = jax.random.fold_in(state.key, state.step)
+  grads = jax.grad(lambda p: loss_fn(p, batch, key)[0])(jax.device_get(state.params))
+  before = jax.device_get(state)
+  state, _ = trainer.train_step(state, trainer.put_batch(batch), freq)
+  after = jax.device_get(state)
+  mu0, mu1 = _adam(before.opt_state).mu, _adam(after.opt_state).mu
+  g = _dmu_leaves(grads)
+  shares = []
+  for name, p0 in _dmu_leaves(before.params).items():
+    used = np.asarray(g[name]) != 0
+    changed = np.asarray(_dmu_leaves(after.params)[name]) != np.asarray(p0)
+    assert not changed[~used].any(), name  # nothing outside the sub-network moved
+    assert changed[used].mean() > 0.99, name  # and (almost) everything inside did
+    np.testing.assert_array_equal(np.asarray(_dmu_leaves(mu1)[name])[~used],
+                                  np.asarray(_dmu_leaves(mu0)[name])[~used])
+    shares.append(used.mean())
+  # Kernels keep ~c~^2 (node modes) or ~c~ (edge modes) of their entries.
+  want = 0.25 if mode in ("dfix", "dprob") else 0.5
+  kernels = shares[0::4] + shares[2::4]
+  assert abs(np.mean(kernels) - want) < 0.1, shares
+
+
+def test_step_leaves_groups_outside_the_psu_active_set_unchanged():
+  cfg = tiny_config(lr=1e-2, warmup_steps=0)  # (warmup starts at lr 0: no update at step 1)
+  cfg = RunConfig(model=cfg.model, train=cfg.train,
+                  psu=PSUConfig(init_active_logit=0.0, learn=False, value="exact"))
+  trainer = Trainer.create(cfg, IDS)
+  state = trainer.init_state()
+  freq = jnp.zeros((64,), jnp.float32)
+  names = ("block_0", "block_1", "ln_f", "wpe", "wte")  # the group order
+  inactive_seen = 0
+  for i in range(6):
+    before = jax.device_get(state)
+    state, _ = trainer.train_step(state, trainer.put_batch(random_batch(i, cfg)), freq)
+    after = jax.device_get(state)
+    active = np.asarray(find_psu_state(after.opt_state).active)
+    for name, on in zip(names, active):
+      same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before.params[name]),
+                                                    jax.tree.leaves(after.params[name]))]
+      same_mu = [np.array_equal(a, b) for a, b in zip(
+          jax.tree.leaves(_adam(before.opt_state).mu[name]),
+          jax.tree.leaves(_adam(after.opt_state).mu[name]))]
+      if on:
+        assert not all(same), name
+      else:
+        inactive_seen += 1
+        assert all(same) and all(same_mu), name
+  assert inactive_seen > 0
+
+
+def test_ablation_variants_can_share_the_full_models_psu_c_tilde():
+  full = tiny_config()
+  nodmu = RunConfig(model=full.model.replace(dmu=configs.DMUConfig(enabled=False, c_tilde=0.5)),
+                    train=full.train, psu=full.psu)
+  shared = RunConfig(model=nodmu.model, train=full.train, psu=PSUConfig(c_tilde_from="full"))
+  c = {name: Trainer.create(cfg, IDS).c_tilde for name, cfg in
+       (("full", full), ("nodmu", nodmu), ("shared", shared))}
+  assert c["shared"] == c["full"] < c["nodmu"], c
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
