@@ -74,9 +74,11 @@ def define_run_flags() -> None:
   flags.DEFINE_integer("num_samples", g.num_samples, "Generations measured at the end of a run.")
   flags.DEFINE_integer("prompt_len", g.prompt_len, "Validation tokens used as each prompt.")
   flags.DEFINE_integer("max_new_tokens", g.max_new_tokens, "Tokens per generation (0: seq_len - prompt_len).")
-  flags.DEFINE_float("temperature", g.temperature, "Sampling temperature.")
-  flags.DEFINE_integer("top_k", g.top_k, "Top-k sampling (0: off).")
-  flags.DEFINE_float("top_p", g.top_p, "Nucleus sampling (1: off).")
+  flags.DEFINE_list("decoders", list(g.decoders), "Decoders every run is measured under, from "
+                    "the same prompts: sample, greedy, top_k, nucleus.")
+  flags.DEFINE_float("temperature", g.temperature, "Temperature of sample, top_k and nucleus (> 0).")
+  flags.DEFINE_integer("top_k", g.top_k, "k of the top_k decoder (>= 1).")
+  flags.DEFINE_float("top_p", g.top_p, "p of the nucleus decoder, in (0, 1].")
   flags.DEFINE_integer("hf_top_k", g.hf_top_k, "K of the high-frequency word proportion.")
 
 
@@ -131,8 +133,8 @@ def build_config(F, **overrides):
     data = DataConfig(**data_kw)
     generation = GenerationEvalConfig(
         num_samples=F.num_samples, prompt_len=F.prompt_len, max_new_tokens=F.max_new_tokens,
-        temperature=F.temperature, top_k=F.top_k, top_p=F.top_p, hf_top_k=F.hf_top_k,
-        seed=F.seed)
+        decoders=tuple(F.decoders), temperature=F.temperature, top_k=F.top_k, top_p=F.top_p,
+        hf_top_k=F.hf_top_k, seed=F.seed)
     psu = PSUConfig(enabled=F.psu, value=F.psu_value, grad_max_decay=F.psu_grad_max_decay,
                     c_tilde_from=F.psu_c_tilde_from)
     cfg = RunConfig(model=model, train=train, psu=psu,
