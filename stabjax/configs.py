@@ -103,7 +103,11 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
     c.name: c
     for c in [
         # CPU / test sizes; the vocabulary is normally replaced by the tokenizer's.
+        # nano / tiny / mini are about 4x apart in parameters at a 2048-token vocabulary
+        # (0.30M / 1.08M / 4.5M): the CPU scale trend (experiments/scale.py).
+        _gpt2("gpt2_nano", 64, 3, 2, vocab=4096, max_len=256),
         _gpt2("gpt2_tiny", 128, 4, 4, vocab=4096, max_len=256),
+        _gpt2("gpt2_mini", 256, 5, 4, vocab=4096, max_len=256),
         _bert("bert_tiny", 128, 2, 2, vocab=4096, max_len=256),
         # Published GPT-2 shapes.
         _gpt2("gpt2_small", 768, 12, 12),
@@ -127,7 +131,14 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
   return dataclasses.replace(MODEL_CONFIGS[name], **overrides)
 
 
-FEEDBACK_KINDS: tuple[str, ...] = ("entropy", "none")
+# How alpha enters training (issue 12: stabilisation vs entropy minimisation):
+#   zero      (alpha/2) (H - 0)^2: pulls the entropy down (SPEC 5's reading of eq. 61)
+#   ema       (alpha/2) (H - sg(EMA(H)))^2: damps H's fluctuation around its own running
+#             average without pulling its level (stabilisation in the control sense)
+#   data      (alpha/2) (H - H_data)^2: a setpoint at the data's own entropy
+#   psu_only  no loss term; alpha only sets the PSU's confidence C_t = exp(-alpha H)
+# Every form also gives the PSU its alpha.
+FEEDBACK_FORMS: tuple[str, ...] = ("zero", "ema", "data", "psu_only")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 
 
@@ -147,8 +158,9 @@ class TrainConfig:
   b1: float = 0.9
   b2: float = 0.95
   alpha: float = 0.0  # feedback strength (eq. 61); also the PSU confidence factor
-  feedback: str = "entropy"  # one of FEEDBACK_KINDS
-  feedback_target: float = 0.0  # the setpoint x*
+  feedback: str = "zero"  # one of FEEDBACK_FORMS
+  feedback_target: float | None = None  # H_data of the 'data' form (None: from the data)
+  feedback_ema_decay: float = 0.9  # EMA decay of the 'ema' form (about 10 steps)
   mlm_prob: float = 0.15  # BERT masking rate (80/10/10)
   seed: int = 0
   mesh: str = "data=1,fsdp=-1,tensor=1"
@@ -163,8 +175,15 @@ class TrainConfig:
       raise ValueError(f"--alpha must be >= 0, got {self.alpha}")
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-    if self.feedback not in FEEDBACK_KINDS:
-      raise ValueError(f"--feedback must be one of {', '.join(FEEDBACK_KINDS)}, got {self.feedback!r}")
+    if self.feedback not in FEEDBACK_FORMS:
+      raise ValueError(f"--feedback must be one of {', '.join(FEEDBACK_FORMS)}, got {self.feedback!r}")
+    if self.feedback_target is not None and self.feedback != "data":
+      raise ValueError(f"--feedback_target is the setpoint of --feedback=data only, got it with "
+                       f"--feedback={self.feedback}")
+    if self.feedback_target is not None and not self.feedback_target >= 0:
+      raise ValueError(f"--feedback_target must be an entropy >= 0 (nats), got {self.feedback_target}")
+    if not 0.0 <= self.feedback_ema_decay < 1.0:
+      raise ValueError(f"--feedback_ema_decay must be in [0, 1), got {self.feedback_ema_decay}")
     for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every",
                  "keep_checkpoints", "log_every"):
       if getattr(self, name) < 1:

@@ -44,6 +44,9 @@ class GenerationEvalConfig:
   top_p: float = 0.9  # p of the nucleus decoder
   hf_top_k: int = 20  # K of the high-frequency word proportion
   batch_size: int = 64  # generations per sampler call
+  # The small batch measured at every evaluation step of training (`measure_quick`).
+  eval_gen_prompts: int = 16  # 0: none
+  eval_gen_tokens: int = 32
   seed: int = 0
 
   def __post_init__(self):
@@ -56,9 +59,12 @@ class GenerationEvalConfig:
     if bad or not self.decoders or len(set(self.decoders)) != len(self.decoders):
       raise ValueError(f"--decoders={','.join(map(str, self.decoders))!r} is not accepted; "
                        f"accepted: distinct names among {', '.join(DECODERS)}")
-    for name in ("num_samples", "prompt_len", "hf_top_k", "batch_size", "top_k"):
+    for name in ("num_samples", "prompt_len", "hf_top_k", "batch_size", "top_k",
+                 "eval_gen_tokens"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    if self.eval_gen_prompts < 0:
+      raise ValueError(f"--eval_gen_prompts must be >= 0 (0: none), got {self.eval_gen_prompts}")
     if self.max_new_tokens < 0:
       raise ValueError(f"--max_new_tokens must be >= 0 (0: seq_len - prompt_len), got "
                        f"{self.max_new_tokens}")
@@ -162,7 +168,8 @@ def _measure_decoders(model: nn.Module, params: Any, dataset, cfg: GenerationEva
   train_counts = dataset.train_word_counts()
   reference = dataset.validation_texts(limit=1000) if references else None
   start = prompts.tokens.shape[1]
-  result, texts = {}, {}
+  result = {}
+  texts = {"prompts": [tok.decode(row[m > 0]) for row, m in zip(prompts.tokens, prompts.mask)]}
   for decoder in cfg.decoders:
     out = _sample(model, causal, params, prompts.tokens, prompts.mask, key,
                   decoder_config(cfg, decoder, n), tok, cfg.batch_size)
@@ -189,8 +196,9 @@ def measure(model: nn.Module, params: Any, dataset, cfg: GenerationEvalConfig
   Returns (result, texts): result[decoder] is the flat metric dict of that decoder
   (hf_proportion, its *_reference twins, generative_entropy, effective_rank, lengths,
   ...) for each of cfg.decoders, plus result["synthetic"] (the P_theta quantities) on
-  synthetic data with a GPT-2; texts[decoder] is the list of generated texts (render
-  them with `format_samples`).
+  synthetic data with a GPT-2; texts[decoder] is the list of generated texts and
+  texts["prompts"] the decoded prompts they continue, in the same order (render them
+  with `format_samples`).
   """
   result, texts = _measure_decoders(model, params, dataset, cfg, references=True)
   causal = bool(getattr(model.config, "causal", True))
@@ -206,17 +214,18 @@ QUICK_KEYS = ("hf_proportion", "generative_entropy")
 
 def measure_quick(model: nn.Module, params: Any, dataset, cfg: GenerationEvalConfig,
                   num_prompts: int = 16, max_new_tokens: int = 32, decoder: str = "sample"
-                  ) -> dict[str, float]:
+                  ) -> tuple[dict[str, float], dict[str, list[str]]]:
   """hf_proportion and generative_entropy of a small generation batch (one decoder).
 
   `measure` restricted to the first `num_prompts` prompts, `max_new_tokens` tokens and
   `decoder` (same code path, same numbers), without reference text or synthetic
   quantities: for a training loop's evaluation steps. The sampler compiles once.
+  Returns (metrics, texts) with texts as in `measure`.
   """
   small = dataclasses.replace(cfg, num_samples=num_prompts, max_new_tokens=max_new_tokens,
                               decoders=(decoder,))
-  result, _ = _measure_decoders(model, params, dataset, small, references=False)
-  return {k: result[decoder][k] for k in QUICK_KEYS}
+  result, texts = _measure_decoders(model, params, dataset, small, references=False)
+  return {k: result[decoder][k] for k in QUICK_KEYS}, texts
 
 
 _HEADER = "=== decoder: {} ==="

@@ -11,7 +11,9 @@ realises the loop with the loss term
     L_fb = (alpha / 2) * (H(B_t) - x*)^2,
 
 whose gradient step gives x_{t+1} ~= x_t - alpha * lr * |grad H|^2 * (x_t - x*). This is
-an interpretation, not the paper's text.
+an interpretation, not the paper's text. With x* = 0 the term also asks for lower
+entropy, a confound of "stabilisation"; `configs.FEEDBACK_FORMS` therefore makes the
+setpoint an experiment axis (0, a running average of H, the data's entropy, or no term).
 
 This module also holds the per-batch statistics the PSU reads (SPEC 6, appendix A):
 global gradient norm (for the learning accuracy a~, eq. 62), the diagonal Fisher per
@@ -127,6 +129,9 @@ def _masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 def feedback_loss(entropy: jax.Array, alpha: float | jax.Array,
                   target: float | jax.Array = 0.0) -> jax.Array:
   """L_fb = (alpha / 2) * (H(B_t) - x*)^2, SPEC 5's reading of eq. 61 (f(x) = x - x*).
+
+  `target` is x*; treat it as a constant (pass a stop-gradient value): the term then
+  moves H toward x* from either side.
 
   A Python `alpha == 0` returns a constant 0 that does not depend on the entropy, so the
   loss and its gradient are bit for bit those of plain MLE. (A traced alpha = 0 gives a

@@ -58,6 +58,11 @@ class MetricWriter:
       if k != "step" and isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, step)
 
+  def write_texts(self, step: int, texts: dict[str, str]) -> None:
+    """TensorBoard text (e.g. sample continuations); not in metrics.jsonl."""
+    for tag, text in texts.items():
+      self._tb.add_text(tag, text, step)
+
   def close(self) -> None:
     self._tb.close()
 
@@ -80,12 +85,13 @@ def special_ids(tokenizer) -> SpecialIds:
 
 
 def evaluate(trainer: Trainer, params, dataset, cfg: RunConfig) -> dict[str, float]:
-  """Validation loss and perplexity on the first `eval_batches` validation batches."""
+  """Validation loss, perplexity and mean predictive entropy on the first `eval_batches`
+  validation batches."""
   t = cfg.train
   it = make_iterator(dataset, "validation", t.batch_size, t.seed,
                      process_index=jax.process_index(), process_count=jax.process_count())
   key = jax.random.PRNGKey(t.seed + 1)  # fixed: the same masks (BERT) at every evaluation
-  nll, tokens = 0.0, 0.0
+  nll, ent, tokens = 0.0, 0.0, 0.0
   for _ in range(t.eval_batches):
     try:
       batch = next(it)
@@ -93,9 +99,48 @@ def evaluate(trainer: Trainer, params, dataset, cfg: RunConfig) -> dict[str, flo
       break
     out = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch), key))
     nll += float(out["nll_sum"])
+    ent += float(out["entropy_sum"])
     tokens += float(out["tokens"])
   val_loss = nll / max(tokens, 1.0)
-  return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+  return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+          "val_entropy": ent / max(tokens, 1.0)}
+
+
+# The in-training generation metrics' keys in metrics.jsonl (and TensorBoard).
+GEN_PREFIX = "gen/"
+
+
+def evaluate_generation(trainer: Trainer, params, dataset, cfg: RunConfig
+                        ) -> tuple[dict[str, float], dict[str, str]]:
+  """The small generation batch of an evaluation step (`degeneration.measure_quick`, the
+  end-of-run code on `eval_gen_prompts` prompts x `eval_gen_tokens` tokens, sampling):
+  ({'gen/hf_proportion', 'gen/generative_entropy'}, two continuations for TensorBoard)."""
+  g = cfg.generation
+  values, texts = degeneration.measure_quick(trainer.model, params, dataset, g,
+                                             num_prompts=g.eval_gen_prompts,
+                                             max_new_tokens=g.eval_gen_tokens)
+  shown = {f"samples/{i}": f"{p} ‖ {c}"
+           for i, (p, c) in enumerate(zip(texts["prompts"][:2], texts["sample"][:2]))}
+  return {GEN_PREFIX + k: v for k, v in values.items()}, shown
+
+
+def resolve_feedback_target(cfg: RunConfig, dataset) -> RunConfig:
+  """`cfg` with the 'data' feedback form's H_data filled in where the data defines it.
+
+  Synthetic data: the language's exact conditional entropy per predicted token
+  (`SyntheticLanguage.entropy_per_token`). Text has no exact value: the setpoint must be
+  given (`--feedback_target`; experiments/mechanism.py passes the alpha = 0 run's
+  validation entropy), else ValueError with one line.
+  """
+  t = cfg.train
+  if t.feedback != "data" or t.feedback_target is not None:
+    return cfg
+  if dataset.synthetic is None:
+    raise ValueError(f"--feedback=data on {cfg.data.spec} needs --feedback_target=H_data (nats "
+                     f"per predicted token; e.g. the val_entropy of an alpha=0 run): text has "
+                     f"no exact entropy")
+  target = round(float(dataset.synthetic.entropy_per_token()), 6)
+  return dataclasses.replace(cfg, train=dataclasses.replace(t, feedback_target=target))
 
 
 def _all_finite(tree) -> bool:
@@ -106,6 +151,7 @@ def _all_finite(tree) -> bool:
 def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: bool = True
                        ) -> dict[str, Any]:
   """Train (or resume) in `workdir`; returns the summary also written to summary.json."""
+  cfg = resolve_feedback_target(cfg, dataset)
   t = cfg.train
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -151,7 +197,12 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
       if step % t.log_every == 0 or step == t.steps:
         writer.write(step, {**metrics, "lr": lr_schedule(t)(step - 1)})
       if step % t.eval_every == 0 or step == t.steps:
-        writer.write(step, evaluate(trainer, state.params, dataset, cfg))
+        row = evaluate(trainer, state.params, dataset, cfg)
+        if cfg.generation.eval_gen_prompts:
+          gen, shown = evaluate_generation(trainer, state.params, dataset, cfg)
+          row.update(gen)
+          writer.write_texts(step, shown)
+        writer.write(step, row)
       stop = bool(sigterm) or ckpt.reached_preemption(step)
       if step % t.checkpoint_every == 0 or step == t.steps or stop:
         if not _all_finite(state.params):

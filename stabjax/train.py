@@ -53,6 +53,7 @@ class TrainState:
   params: Any
   opt_state: Any
   key: jax.Array  # uint32[2]; step keys are fold_in(key, step)
+  entropy_ema: jax.Array  # float32: biased EMA of H(B_t) (the 'ema' feedback form's state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,16 +97,19 @@ def mlm_corrupt(key: jax.Array, tokens: jax.Array, mask: jax.Array, ids: Special
 
 
 def make_loss_fn(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig, ids: SpecialIds):
-  """loss_fn(params, batch, key, deterministic=False, frozen=None) -> (loss, aux) for GPT-2
-  (next token) or BERT (MLM).
+  """loss_fn(params, batch, key, deterministic=False, frozen=None, setpoint=0., weight=1.)
+  -> (loss, aux) for GPT-2 (next token) or BERT (MLM).
 
-  aux holds nll, entropy, nll_sum, tokens and `collections`: what the forward wrote to
-  `STEP_COLLECTIONS`. Passing those back as `frozen` (with the same key) replays the
-  forward with the same DMU masks and DTU key sets at other parameters.
+  loss = NLL + weight * (alpha / 2) (H(B_t) - setpoint)^2 for the feedback forms with a
+  loss term (`feedback_setpoint` gives setpoint and weight); NLL alone for 'psu_only'
+  and for alpha = 0 (bit for bit plain MLE). aux holds nll, entropy, nll_sum,
+  entropy_sum, tokens and `collections`: what the forward wrote to `STEP_COLLECTIONS`.
+  Passing those back as `frozen` (with the same key) replays the forward with the same
+  DMU masks and DTU key sets at other parameters.
   """
-  alpha = train_cfg.alpha if train_cfg.feedback == "entropy" else 0.0
+  has_term = train_cfg.alpha > 0 and train_cfg.feedback != "psu_only"
 
-  def loss_fn(params, batch, key, deterministic=False, frozen=None):
+  def loss_fn(params, batch, key, deterministic=False, frozen=None, setpoint=0.0, weight=1.0):
     tokens, mask = batch["tokens"], batch["mask"]
     k_dmu, k_dtu, k_drop, k_mlm = jax.random.split(key, 4)
     rngs = {"dmu": k_dmu, "dtu": k_dtu, "dropout": k_drop}
@@ -127,13 +131,33 @@ def make_loss_fn(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfi
     nll = _masked_mean(nll_tokens, weights)
     entropy = feedback.predictive_entropy(logits, weights)
     loss = nll
-    if alpha > 0:
-      loss = nll + feedback.feedback_loss(entropy, alpha, train_cfg.feedback_target)
+    if has_term:
+      loss = nll + weight * feedback.feedback_loss(entropy, train_cfg.alpha, setpoint)
+    tokens = jnp.sum(weights.astype(jnp.float32))
     aux = {"nll": nll, "entropy": entropy, "nll_sum": jnp.sum(nll_tokens * weights),
-           "tokens": jnp.sum(weights.astype(jnp.float32)), "collections": dict(collections)}
+           "entropy_sum": entropy * tokens, "tokens": tokens, "collections": dict(collections)}
     return loss, aux
 
   return loss_fn
+
+
+def feedback_setpoint(train_cfg: TrainConfig, step: jax.Array, entropy_ema: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+  """(setpoint, weight) of the feedback term at `step` (see `configs.FEEDBACK_FORMS`).
+
+  'zero': (0, 1). 'data': (H_data, 1). 'ema': the bias-corrected EMA of H(B_t) over the
+  steps before this one (a constant here, so the gradient moves H toward it from either
+  side and never moves the average itself), with weight 0 at step 0, which has no
+  average yet. 'psu_only' has no term (the values are unused).
+  """
+  one = jnp.ones((), jnp.float32)
+  if train_cfg.feedback == "data":
+    return jnp.asarray(train_cfg.feedback_target, jnp.float32), one
+  if train_cfg.feedback == "ema":
+    seen = step.astype(jnp.float32)
+    debias = 1.0 - jnp.power(jnp.float32(train_cfg.feedback_ema_decay), seen)
+    return entropy_ema / jnp.maximum(debias, 1e-12), (step > 0).astype(jnp.float32)
+  return jnp.zeros((), jnp.float32), one
 
 
 # ------------------------------------------------------------------------ the system
@@ -184,23 +208,30 @@ class Trainer:
     def init_fn():
       params = nn.unbox(init_params(param_key))
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                        key=state_key)
+                        key=state_key, entropy_ema=jnp.zeros((), jnp.float32))
 
     abstract_state = jax.eval_shape(init_fn)
     param_sh = sharding.logical_shardings(abstract_boxed, mesh)
     repl = sharding.replicated(mesh)
     opt_sh = optim.map_params_like(lambda _: param_sh, jax.tree.structure(abstract_params),
                                    abstract_state.opt_state, other=lambda _: repl)
-    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, key=repl)
+    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, key=repl,
+                          entropy_ema=repl)
     batch_sh = sharding.batch_sharding(mesh)
     loss_fn = make_loss_fn(model, cfg.model, t, ids)
+    if t.feedback == "data" and t.feedback_target is None:
+      raise ValueError("--feedback=data needs its setpoint H_data: pass --feedback_target "
+                       "(run.resolve_feedback_target fills it in on synthetic data)")
 
     def train_step(state: TrainState, batch: dict, neg_log_freq: jax.Array):
       key = jax.random.fold_in(state.key, state.step)
-      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+      setpoint, weight = feedback_setpoint(t, state.step, state.entropy_ema)
+      fb = dict(setpoint=setpoint, weight=weight)
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key,
+                                                                    **fb)
       collections = {k: v for k, v in aux["collections"].items() if v}
-      # L(.; B_t) with this step's DMU masks and DTU key sets, for the PSU's V (eq. 65).
-      value_fn = lambda p: loss_fn(p, batch, key, frozen=collections)[0]
+      # L(.; B_t) with this step's DMU masks, DTU key sets and setpoint, for the PSU's V (eq. 65).
+      value_fn = lambda p: loss_fn(p, batch, key, frozen=collections, **fb)[0]
       updates, opt_state = tx.update(
           grads, state.opt_state, state.params, value=loss, grad=grads, value_fn=value_fn,
           entropy=aux["entropy"],
@@ -210,12 +241,17 @@ class Trainer:
       metrics = {"loss": loss, "nll": aux["nll"], "entropy": aux["entropy"],
                  "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
                  "tokens": aux["tokens"]}
+      if t.feedback in ("ema", "data"):
+        metrics["feedback/setpoint"] = setpoint
       metrics.update({f"psu/{k}": v for k, v in psu_metrics(opt_state).items()})
-      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+      d = jnp.float32(t.feedback_ema_decay)
+      ema = d * state.entropy_ema + (1.0 - d) * jax.lax.stop_gradient(aux["entropy"])
+      return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                           entropy_ema=ema), metrics
 
     def eval_step(params, batch, key):
       _, aux = loss_fn(params, batch, key, deterministic=True)
-      return {"nll_sum": aux["nll_sum"], "tokens": aux["tokens"]}
+      return {k: aux[k] for k in ("nll_sum", "entropy_sum", "tokens")}
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
       jit_init = jax.jit(init_fn, out_shardings=state_sh)

@@ -90,7 +90,8 @@ def test_measure_nests_the_metrics_of_each_decoder(setup, measured):
   data, _, _ = setup
   result, texts, _ = measured
   assert set(result) == set(DECODERS) | {"synthetic"}
-  assert list(texts) == list(DECODERS)
+  assert list(texts) == ["prompts", *DECODERS]
+  assert all(len(texts[k]) == 16 for k in texts)
   top = metrics.top_k_words(data.train_word_counts(), 20)
   for d in DECODERS:
     r = result[d]
@@ -187,9 +188,10 @@ def test_measure_quick_is_measure_on_the_same_prompts(setup, measured):
   data, model, params = setup
   result, _, _ = measured
   for d in ("sample", "top_k"):
-    quick = measure_quick(model, params, data, CFG, num_prompts=16, max_new_tokens=NEW,
-                          decoder=d)
+    quick, texts = measure_quick(model, params, data, CFG, num_prompts=16, max_new_tokens=NEW,
+                                 decoder=d)
     assert quick == {k: result[d][k] for k in ("hf_proportion", "generative_entropy")}
+    assert len(texts[d]) == len(texts["prompts"]) == 16
 
 
 def test_measure_on_bert_covers_every_decoder(setup):

@@ -272,6 +272,15 @@ class SyntheticLanguage:
       dist = dist @ self.transition
     return h
 
+  def entropy_per_token(self) -> float:
+    """H(P) / E[predicted tokens]: the language's conditional entropy per predicted token.
+
+    A sequence of k words has k + 1 predicted tokens (the words and EOS; BOS is given),
+    so this is the mean next-token entropy, weighted by position as a batch's predictive
+    entropy H(B_t) weights it, of the model that is the language itself.
+    """
+    return self.entropy() / (self.mean_length() + 1.0)
+
   def mean_length(self) -> float:
     """Expected number of words k (the cap included)."""
     p, kk = self.eos_prob, np.arange(1, self.max_words + 1)

@@ -1,0 +1,66 @@
+"""The training loop's in-training degeneration measurement (run.train_and_evaluate)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import pytest
+
+from stabjax import configs, degeneration
+from stabjax.checkpoint import Checkpointer
+from stabjax.data import DataConfig, load_dataset
+from stabjax.psu import PSUConfig
+from stabjax.run import read_jsonl, special_ids, train_and_evaluate
+from stabjax.train import RunConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  data = load_dataset(DataConfig(spec="synthetic", seq_len=24, synthetic_n=128,
+                                 synthetic_n_validation=32, synthetic_vocab_size=64), seed=0)
+  model = configs.get_model_config("gpt2_tiny", vocab_size=data.vocab_size, num_layers=1,
+                                   d_model=32, d_ff=64, num_heads=2,
+                                   dmu=configs.DMUConfig(), dtu=configs.DTUConfig(keep=4))
+  cfg = RunConfig(
+      model=model,
+      train=configs.TrainConfig(steps=6, batch_size=4, seq_len=24, eval_every=3,
+                                eval_batches=1, checkpoint_every=3, alpha=0.2, seed=1),
+      psu=PSUConfig(), data=data.config,
+      generation=degeneration.GenerationEvalConfig(num_samples=8, decoders=("sample",),
+                                                   eval_gen_prompts=6, eval_gen_tokens=10,
+                                                   seed=1))
+  summary = train_and_evaluate(cfg, workdir, data, show_progress=False)
+  return cfg, data, workdir, summary
+
+
+def test_every_eval_step_logs_the_generated_hf_proportion_and_entropy(finished_run):
+  _, _, workdir, _ = finished_run
+  rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "val_loss" in r]
+  assert [r["step"] for r in rows] == [3, 6]
+  for r in rows:
+    assert 0.0 <= r["gen/hf_proportion"] <= 1.0
+    assert r["gen/generative_entropy"] > 0.0
+    assert r["val_entropy"] > 0.0
+
+
+def test_logged_generation_metrics_equal_the_end_of_run_code_on_the_same_samples(finished_run):
+  """Reload the last checkpoint and measure it with `degeneration.measure` (the end-of-run
+  code) on the same prompts, tokens, decoder and key: the logged values must match."""
+  cfg, data, workdir, _ = finished_run
+  trainer = Trainer.create(cfg, special_ids(data.tokenizer))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  state, _ = ckpt.restore(6, trainer.abstract_state, trainer.state_shardings)
+  ckpt.close()
+  g = cfg.generation
+  same = dataclasses.replace(g, num_samples=g.eval_gen_prompts,
+                             max_new_tokens=g.eval_gen_tokens, decoders=("sample",))
+  result, texts = degeneration.measure(trainer.model, jax.device_get(state.params), data, same)
+  logged = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            if r["step"] == 6 and "gen/hf_proportion" in r][0]
+  assert len(texts["sample"]) == 6
+  assert logged["gen/hf_proportion"] == pytest.approx(result["sample"]["hf_proportion"], abs=1e-9)
+  assert logged["gen/generative_entropy"] == pytest.approx(
+      result["sample"]["generative_entropy"], rel=1e-5)
