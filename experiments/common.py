@@ -13,7 +13,7 @@ from absl import flags, logging
 
 from stabjax import configs, sharding
 from stabjax.degeneration import GenerationEvalConfig
-from stabjax.configs import DMU_MODES, DTU_SCORES, FEEDBACK_KINDS, MODEL_CONFIGS, OPTIMIZERS
+from stabjax.configs import DMU_MODES, DTU_SCORES, FEEDBACK_FORMS, MODEL_CONFIGS, OPTIMIZERS
 from stabjax.psu import C_TILDE_FROM, PSUConfig
 
 FLAGS = flags.FLAGS
@@ -27,8 +27,15 @@ def define_run_flags() -> None:
   dmu, dtu = configs.DMUConfig(), configs.DTUConfig()
   flags.DEFINE_string("model", "gpt2_tiny", f"Model size: {', '.join(MODEL_CONFIGS)}.")
   flags.DEFINE_float("alpha", d.alpha, "Feedback strength alpha >= 0 (eq. 61); 0 is plain MLE.")
-  flags.DEFINE_string("feedback", d.feedback, f"Feedback statistic: {', '.join(FEEDBACK_KINDS)}.")
-  flags.DEFINE_float("feedback_target", d.feedback_target, "Setpoint x* of the entropy feedback.")
+  flags.DEFINE_string("feedback", d.feedback, "How alpha enters training: zero = "
+                      "(alpha/2)(H - 0)^2; ema = (alpha/2)(H - sg(EMA(H)))^2; data = "
+                      "(alpha/2)(H - H_data)^2; psu_only = no loss term (alpha only in the "
+                      f"PSU's confidence). Accepted: {', '.join(FEEDBACK_FORMS)}.")
+  flags.DEFINE_float("feedback_target", d.feedback_target, "H_data of --feedback=data, nats "
+                     "per predicted token (default: the language's exact conditional entropy "
+                     "on synthetic data; required on text, e.g. the alpha=0 run's val_entropy).")
+  flags.DEFINE_float("feedback_ema_decay", d.feedback_ema_decay,
+                     "EMA decay of --feedback=ema, in [0, 1).")
   flags.DEFINE_integer("seed", d.seed, "Seed of parameters, masks, PSU and data order.")
   flags.DEFINE_string("data", "synthetic", "synthetic | text:PATH_OR_GLOB | tfds:NAME[/CONFIG].")
   flags.DEFINE_integer("vocab_size", 2048, "SentencePiece vocabulary size (text/tfds data).")
@@ -80,6 +87,10 @@ def define_run_flags() -> None:
   flags.DEFINE_integer("top_k", g.top_k, "k of the top_k decoder (>= 1).")
   flags.DEFINE_float("top_p", g.top_p, "p of the nucleus decoder, in (0, 1].")
   flags.DEFINE_integer("hf_top_k", g.hf_top_k, "K of the high-frequency word proportion.")
+  flags.DEFINE_integer("eval_gen_prompts", g.eval_gen_prompts, "Prompts of the small generation "
+                       "batch measured at every evaluation (sampling; 0: none).")
+  flags.DEFINE_integer("eval_gen_tokens", g.eval_gen_tokens,
+                       "Tokens per generation of that batch.")
 
 
 def fail(message: str, code: int = 2):
@@ -102,7 +113,7 @@ def build_config(F, **overrides):
   _choice("model", F.model, MODEL_CONFIGS)
   _choice("dmu_mode", F.dmu_mode, DMU_MODES)
   _choice("dtu_scores", F.dtu_scores, DTU_SCORES)
-  _choice("feedback", F.feedback, FEEDBACK_KINDS)
+  _choice("feedback", F.feedback, FEEDBACK_FORMS)
   _choice("psu_value", F.psu_value, PSU_VALUES)
   _choice("optimizer", F.optimizer, OPTIMIZERS)
   _choice("psu_c_tilde_from", F.psu_c_tilde_from, C_TILDE_FROM)
@@ -124,7 +135,8 @@ def build_config(F, **overrides):
         steps=F.steps, batch_size=F.batch_size, seq_len=F.seq_len, lr=F.lr,
         warmup_steps=F.warmup_steps, min_lr_ratio=F.min_lr_ratio, weight_decay=F.weight_decay,
         clip_norm=F.clip_norm, optimizer=F.optimizer, alpha=F.alpha, feedback=F.feedback,
-        feedback_target=F.feedback_target, seed=F.seed, mesh=F.mesh, eval_every=F.eval_every,
+        feedback_target=F.feedback_target, feedback_ema_decay=F.feedback_ema_decay,
+        seed=F.seed, mesh=F.mesh, eval_every=F.eval_every,
         eval_batches=F.eval_batches, checkpoint_every=F.checkpoint_every,
         keep_checkpoints=F.keep_checkpoints, log_every=F.log_every)
     data_kw = dict(spec=F.data, seq_len=F.seq_len, vocab_size=F.vocab_size)
@@ -134,7 +146,8 @@ def build_config(F, **overrides):
     generation = GenerationEvalConfig(
         num_samples=F.num_samples, prompt_len=F.prompt_len, max_new_tokens=F.max_new_tokens,
         decoders=tuple(F.decoders), temperature=F.temperature, top_k=F.top_k, top_p=F.top_p,
-        hf_top_k=F.hf_top_k, seed=F.seed)
+        hf_top_k=F.hf_top_k, eval_gen_prompts=F.eval_gen_prompts,
+        eval_gen_tokens=F.eval_gen_tokens, seed=F.seed)
     psu = PSUConfig(enabled=F.psu, value=F.psu_value, grad_max_decay=F.psu_grad_max_decay,
                     c_tilde_from=F.psu_c_tilde_from)
     cfg = RunConfig(model=model, train=train, psu=psu,
@@ -172,8 +185,13 @@ def prepare_run(F):
   except DataError as e:
     fail(str(e))
   import dataclasses
+  from stabjax.run import resolve_feedback_target
   model = cfg.model.replace(vocab_size=dataset.tokenizer.vocab_size)
-  return dataclasses.replace(cfg, model=model), dataset
+  try:
+    cfg = resolve_feedback_target(dataclasses.replace(cfg, model=model), dataset)
+  except ValueError as e:
+    fail(str(e))
+  return cfg, dataset
 
 
 def run_and_report(cfg, dataset, workdir: str) -> dict:
@@ -212,3 +230,57 @@ def metrics_table(summary: dict) -> str:
   lines = ["| metric | value |", "|---|---|"]
   lines += [f"| {k} | {v:.4g} |" for k, v in rows if v is not None]
   return "\n".join(lines)
+
+
+# ---- sweep launchers
+# What experiments/table1.py, ablation.py, trajectory.py and scale.py share, so that no
+# launcher imports another (each defines its own flags, with its own defaults).
+
+
+def define_sweep_flags(models, seeds, alphas, workdir: str) -> None:
+  """--models, --seeds, --alphas (lists) and --workdir with a launcher's defaults."""
+  flags.DEFINE_list("models", list(models), f"Model sizes: {', '.join(MODEL_CONFIGS)}.")
+  flags.DEFINE_list("seeds", [str(s) for s in seeds], "Seeds (integers).")
+  flags.DEFINE_list("alphas", [str(a) for a in alphas], "Feedback strengths alpha >= 0.")
+  flags.DEFINE_string("workdir", workdir, "Sweep directory: one subdirectory per run.")
+
+
+def parse_grid(F) -> tuple[list[str], list[int], list[float]]:
+  """--models/--seeds/--alphas -> lists; a bad value ends the program with one line."""
+  from stabjax import sweep as sweep_lib
+  try:
+    return sweep_lib.parse_grid(F.models, F.seeds, F.alphas)
+  except ValueError as e:
+    fail(str(e))
+
+
+def base_config(F):
+  """The flags' RunConfig (validated once) that every condition of a sweep overrides."""
+  if not F["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  cfg = build_config(F)
+  if F.distributed:
+    import jax
+    jax.distributed.initialize()
+  check_mesh(cfg)
+  return cfg
+
+
+def sweep(runs, workdir: str, reuse_from=()) -> list[dict]:
+  """stabjax.sweep.run_sweep with the launcher's error handling; exits if a run stopped."""
+  from stabjax import sweep as sweep_lib
+  from stabjax.data import DataError
+  from stabjax.run import NonFiniteLossError
+  try:
+    summaries = sweep_lib.run_sweep(runs, workdir, show_progress=FLAGS.progress,
+                                    reuse_from=reuse_from)
+  except (DataError, NonFiniteLossError, ValueError) as e:
+    fail(str(e), code=1)
+  if len(summaries) < len(runs) or summaries[-1]["status"] != "finished":
+    print("sweep interrupted: run the same command again to continue")
+    sys.exit(1)
+  return summaries
+
+
+def alpha_label(a: float) -> str:
+  return f"α={a:g}"

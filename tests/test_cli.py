@@ -193,3 +193,173 @@ def test_non_finite_loss_stops_and_the_last_checkpoint_restores(tmp_path):
   leaves = jax.tree.leaves(state)
   assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves
                         if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+# ------------------------------------------------------------------ sweep launchers
+# Each launcher runs end to end (flags, sweep, tables, plots) on runs that a stand-in for
+# train_and_evaluate fakes from the requested config in an instant: no training here.
+
+FAKE_TRAIN = r'''
+import json, math, os, sys
+import stabjax.data, stabjax.run
+from stabjax.degeneration import format_samples
+from stabjax.run import config_to_dict
+
+NO_GEN = bool(os.environ.get("FAKE_NO_GEN"))
+# Per variant: the step at which the training loss reaches 2, and the HF plateau step.
+LOSS_AT = {(True, True): 8, (True, False): 10, (False, True): 16}
+HF_AT = {(True, True): 4, (True, False): 10, (False, True): 8}
+
+
+class Tok:
+  vocab_size = 123
+
+
+class Data:
+  tokenizer = Tok()
+
+
+def load(cfg, seed=0):
+  return Data()
+
+
+def train(cfg, run_dir, dataset, show_progress=False):
+  t, m = cfg.train, cfg.model
+  unit = (m.dmu.enabled, m.dtu.enabled)
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, "config.json"), "w") as f:
+    json.dump(config_to_dict(cfg), f)
+  history = []
+  for step in range(1, t.steps + 1):
+    loss = max(2.0, 6.0 - 4.0 * step / LOSS_AT[unit])
+    history.append({"step": step, "loss": loss + t.alpha, "nll": loss,
+                    "entropy": 1.0 + 0.5 * loss})
+    if step % t.eval_every == 0 or step == t.steps:
+      row = {"step": step, "val_loss": loss, "val_ppl": math.exp(loss)}
+      if not NO_GEN:
+        row["gen/hf_proportion"] = 1.0 if step >= HF_AT[unit] else 0.3
+        row["gen/generative_entropy"] = 0.5 * loss - t.alpha
+      history.append(row)
+  hf = min(1.0, 0.25 + 2 * t.alpha + 0.01 * m.num_layers + 0.001 * (t.seed % 10))
+  summary = {"status": "finished", "step": t.steps, "workdir": os.path.abspath(run_dir),
+             "history": history, "final": {"loss": history[-2]["loss"], "val_ppl": 7.0 + t.alpha},
+             "generation": {"sample": {"hf_proportion": hf, "hf_proportion_reference": 0.25,
+                                       "generative_entropy": 3.0 - 10 * t.alpha},
+                            "greedy": {"hf_proportion": 1.0}}}
+  with open(os.path.join(run_dir, "summary.json"), "w") as f:
+    json.dump(summary, f)
+  with open(os.path.join(run_dir, "samples.txt"), "w") as f:
+    f.write(format_samples({"prompts": [f"prompt {i} of seed {t.seed}" for i in range(3)],
+                            "sample": [f"s{i} a={t.alpha:g}" for i in range(3)],
+                            "greedy": [f"g{i} a={t.alpha:g}" for i in range(3)]}))
+  return summary
+
+
+stabjax.data.load_dataset = load
+stabjax.run.train_and_evaluate = train
+import runpy
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def run_launcher(tmp_path, name, *args, env=None):
+  """experiments/<name>.py with the fake training; (process, workdir)."""
+  tmp_path.mkdir(parents=True, exist_ok=True)
+  fake = tmp_path / "fake_train.py"
+  fake.write_text(FAKE_TRAIN)
+  wd = tmp_path / name
+  proc = subprocess.run(
+      [sys.executable, str(fake), os.path.join(REPO, "experiments", f"{name}.py"),
+       f"--workdir={wd}", "--batch_size=4", "--seq_len=16", *args],
+      capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+      env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+  return proc, wd
+
+
+def test_table1_launcher_writes_tables_plot_and_side_by_side_samples(tmp_path):
+  proc, wd = run_launcher(tmp_path, "table1", "--models=gpt2_tiny", "--seeds=1,2",
+                          "--alphas=0,0.2", "--steps=10")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  from stabjax.plots import png_size
+  assert png_size(str(wd / "table1.png"))[0] > 0
+  md = (wd / "table1.md").read_text()
+  assert "## Mean ± std across seeds (2 seed(s)" in md
+  # hf = 0.25 + 2 alpha + 0.01 * 4 layers + 0.001 * seed: seeds 1 and 2 at alpha 0.2.
+  assert "| gpt2_tiny | 0.2 | 2 |" in md and "69.2% ± 0.1%" in md
+  out = json.loads((wd / "table1.json").read_text())
+  assert out["paper_hf_percent"]["paper BERT 1B"] == {"0.0": 23.5, "0.05": 56.3, "0.2": 100.0}
+  side = (wd / "samples_side_by_side.md").read_text()
+  assert '### Prompt 1: "prompt 0 of seed 1"' in side
+  assert "| sampling | s0 a=0 | s0 a=0.2 |" in side and "| greedy | g2 a=0 | g2 a=0.2 |" in side
+  assert "seed 2" not in side
+
+
+def test_ablation_launcher_reports_loss_and_hf_plateau_convergence(tmp_path):
+  proc, wd = run_launcher(tmp_path, "ablation", "--seeds=1,2", "--alphas=0,0.2", "--steps=20",
+                          "--eval_every=2", "--reuse_from=")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  md = (wd / "ablation.md").read_text()
+  # Loss reaches 2 at steps 8 / 16 / 10 (full / nodmu / nodtu); the HF share settles at
+  # 4 / 8 / 10. Full vs nodmu: 8/16 -> 50% faster (loss), 4/8 -> 50% (HF); vs nodtu:
+  # 8/10 -> 20% (loss), 4/10 -> 60% (HF).
+  assert "| full (DMU + DTU) | loss | 8 ± 0 | 8 ± 0 |" in md
+  assert "| without DMU | HF plateau | 8 ± 0 | 8 ± 0 |" in md
+  assert "| without DTU | HF plateau | 10 ± 0 | 10 ± 0 |" in md
+  assert "| without DMU | loss | 50% faster | 50% faster |" in md
+  assert "| without DTU | loss | 20% faster | 20% faster |" in md
+  assert "| without DTU | HF plateau | 60% faster | 60% faster |" in md
+  assert "plateau step is the first evaluation step" in md
+  out = json.loads((wd / "ablation.json").read_text())
+  speed = {(s["variant"], s["criterion"], s["alpha"]): s for s in out["speedups"]}
+  assert speed["nodtu", "hf_plateau_step", 0.2]["ratios"] == [0.4, 0.4]
+  assert {(r["variant"], r["hf_plateau_step"], r["hf_plateau_level"]) for r in out["runs"]} == {
+      ("full", 4, 1.0), ("nodmu", 8, 1.0), ("nodtu", 10, 1.0)}
+
+  # Runs without gen rows (trained before they were logged): em dashes, no crash.
+  proc, wd = run_launcher(tmp_path / "old", "ablation", "--alphas=0", "--steps=20",
+                          "--eval_every=2", "--reuse_from=", env={"FAKE_NO_GEN": "1"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  md = (wd / "ablation.md").read_text()
+  assert "| without DTU | HF plateau | — |" in md and "| without DTU | loss | 20% faster |" in md
+  assert "have no `gen/hf_proportion` rows" in md
+
+
+def test_trajectory_launcher_plots_generative_entropy_or_asks_for_a_rerun(tmp_path):
+  proc, wd = run_launcher(tmp_path, "trajectory", "--steps=20")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = json.loads((wd / "trajectory.json").read_text())
+  # --eval_every defaults to 5 here: 4 generation points joined with the step's NLL.
+  pts = out["points"]["0.2"]
+  assert pts["eval_loss"] == [max(2.0, 6.0 - 4.0 * s / 8) for s in (5, 10, 15, 20)]
+  assert pts["generative_entropy"] == pytest.approx([0.5 * x - 0.2 for x in pts["eval_loss"]])
+  assert len(pts["loss"]) == 20
+  run = {r["alpha"]: r for r in out["runs"]}[0.0]
+  assert run["eval_points"] == 4 and "slope_high_loss" in run["generative"]
+  for name in ("trajectory.png", "trajectory_predictive.png"):
+    assert (wd / name).exists()
+
+  proc, wd = run_launcher(tmp_path / "old", "trajectory", "--steps=20",
+                          env={"FAKE_NO_GEN": "1"})
+  assert proc.returncode == 1
+  lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and "gen/generative_entropy" in lines[0] and "rerun" in lines[0]
+  assert not (wd / "trajectory.md").exists()
+
+
+def test_scale_launcher_counts_parameters_and_the_alpha_effect(tmp_path):
+  proc, wd = run_launcher(tmp_path, "scale", "--models=gpt2_tiny,bert_tiny", "--steps=4",
+                          "--alphas=0,0.05,0.2")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  from stabjax import configs
+  from stabjax.models import count_params
+  out = json.loads((wd / "scale.json").read_text())
+  for m in ("gpt2_tiny", "bert_tiny"):  # counted at the runs' vocabulary (123)
+    assert out["params"][m] == count_params(configs.get_model_config(m, vocab_size=123))
+  # hf = min(1, 0.25 + 2 alpha + 0.01 layers + 0.001 * (2025 % 10)): gpt2_tiny 0.295 -> 0.695.
+  assert out["alpha_effect"]["hf_proportion"]["gpt2_tiny"] == pytest.approx(0.4)
+  md = (wd / "scale.md").read_text()
+  assert "4 steps × batch 4 × 16 tokens = 256 training tokens" in md
+  assert "| gpt2_tiny | " + f"{out['params']['gpt2_tiny']:,}" + " | +40.0 points |" in md
+  assert (wd / "scale.png").exists()

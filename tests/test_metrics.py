@@ -598,3 +598,79 @@ def test_summarize_reference_is_size_matched_and_seeded():
     assert d["hf_proportion_reference"] == out["hf_proportion_reference"]  # all words
   with pytest.raises(ValueError):
     M.summarize_text_metrics(gens, None, train, ref, num_subsamples=0)
+
+
+# ------------------------------------------------------------------ across runs (aggregate)
+
+
+def test_seed_aggregate_matches_numpy():
+  from stabjax.metrics.aggregate import group_by, seed_aggregate
+  recs = [{"model": "m", "alpha": a, "seed": s, "hf": v, "ent": 10 * v}
+          for a, vals in ((0.0, [0.2, 0.3, 0.4]), (0.2, [0.9, 1.0, 1.0]))
+          for s, v in zip((1, 2, 3), vals)]
+  assert [k for k in group_by(recs[::-1], ["alpha"])] == [(0.2,), (0.0,)]
+  out = seed_aggregate(recs, ["model", "alpha"], ["hf", "ent", "missing"])
+  assert [(g["model"], g["alpha"], g["n"]) for g in out] == [("m", 0.0, 3), ("m", 0.2, 3)]
+  for g, vals in zip(out, ([0.2, 0.3, 0.4], [0.9, 1.0, 1.0])):
+    np.testing.assert_allclose(g["hf"], (np.mean(vals), np.std(vals, ddof=1)), rtol=1e-12)
+    np.testing.assert_allclose(g["ent"], (10 * np.mean(vals), 10 * np.std(vals, ddof=1)),
+                               rtol=1e-12)
+    assert "missing" not in g
+  # A metric that is None in one seed is left out rather than averaged over fewer seeds.
+  recs[0]["hf"] = None
+  assert "hf" not in seed_aggregate(recs, ["model", "alpha"], ["hf"])[0]
+
+
+def test_convergence_steps_common_threshold():
+  from stabjax.metrics.aggregate import convergence_steps
+  hist = {
+      "full": [{"step": s, "loss": v} for s, v in zip((10, 20, 30, 40, 50), (5, 3, 2, 2, 2))],
+      "nodtu": [{"step": s, "loss": v} for s, v in zip((10, 20, 30, 40, 50), (5, 4, 3, 2.5, 2.5))],
+      "eval_rows_only": [{"step": 10, "val_loss": 1.0}, {"step": 10, "loss": 9}],
+  }
+  thr, steps = convergence_steps({k: hist[k] for k in ("full", "nodtu")}, tail=3)
+  assert thr == pytest.approx((3 + 2.5 + 2.5) / 3)
+  assert steps == {"full": 30, "nodtu": 40}
+  thr, steps = convergence_steps(hist, tail=1)
+  assert thr == 9 and steps == {"full": 10, "nodtu": 10, "eval_rows_only": 10}
+
+
+def test_split_slopes_piecewise_linear():
+  from stabjax.metrics.aggregate import split_slopes
+  # Entropy falls 2 nats per nat of loss above loss 3 and 0.5 below: the paper's Figure 3.
+  loss = np.linspace(6.0, 0.0, 61)
+  ent = np.where(loss >= 3.0, 4.0 + 2.0 * (loss - 3.0), 4.0 + 0.5 * (loss - 3.0))
+  out = split_slopes(loss, ent)
+  assert out["median_loss"] == pytest.approx(3.0)
+  assert out["slope_high_loss"] == pytest.approx(2.0, abs=1e-9)
+  assert out["slope_low_loss"] == pytest.approx(0.5, abs=1e-9)
+  assert math.isnan(split_slopes([1.0, 1.0], [2.0, 3.0])["slope_low_loss"])
+
+
+def test_plateau_step_on_hand_made_series():
+  from stabjax.metrics.aggregate import plateau_step
+  steps = [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
+  # Rises and settles at 1.0 from step 25: tail = last 3 (max(3, ceil(0.2 * 10)) = 3).
+  level, step = plateau_step(steps, [0.2, 0.5, 0.8, 0.95, 1.0, 1.0, 0.99, 1.0, 1.0, 1.0])
+  assert level == pytest.approx(1.0) and step == 25
+  # Touches the band at step 20, dips out at 30, settles again from 35: the later step.
+  level, step = plateau_step(steps, [0.2, 0.5, 0.8, 0.99, 1.0, 0.9, 1.0, 0.985, 1.0, 1.0])
+  assert level == pytest.approx(0.995) and step == 35
+  # The band is absolute and inclusive: 0.98 is within 0.02 of 1.0, 0.975 is not.
+  assert plateau_step(steps, [0.5] * 5 + [0.98, 1.0, 1.0, 1.0, 1.0])[1] == 30
+  assert plateau_step(steps, [0.5] * 5 + [0.975, 1.0, 1.0, 1.0, 1.0])[1] == 35
+  assert plateau_step(steps, [0.5] * 5 + [0.975, 1.0, 1.0, 1.0, 1.0], tol=0.03)[1] == 30
+  # The tail is ceil(tail_frac * n) long when that exceeds 3: 20 points, tail_frac 0.25 -> 5.
+  vals = [0.0] * 15 + [0.5, 0.5, 0.5, 0.6, 0.6]
+  level, step = plateau_step(list(range(20)), vals, tail_frac=0.25, tol=0.1)
+  assert level == pytest.approx(0.54) and step == 15
+  # Flat from the start; the last value out of the band never settles; nan is dropped.
+  assert plateau_step([1, 2, 3], [0.3, 0.3, 0.3]) == (pytest.approx(0.3), 1)
+  level, step = plateau_step([1, 2, 3, 4], [0.0, 0.5, 0.5, 0.2])
+  assert level == pytest.approx(0.4) and step is None
+  assert plateau_step([1, 2, 3, 4], [0.5, float("nan"), 0.5, 0.5]) == (pytest.approx(0.5), 1)
+  # Fewer than 3 points.
+  level, step = plateau_step([1, 2], [0.5, 0.5])
+  assert math.isnan(level) and step is None
+  with pytest.raises(ValueError):
+    plateau_step([1, 2, 3], [0.1, 0.2])

@@ -1,4 +1,7 @@
-"""Metrics across runs: cross-seed consistency and convergence speed (SPEC section 9)."""
+"""Metrics across runs: cross-seed statistics, convergence speed, trajectory shape (SPEC 9).
+
+Numbers only (no files, no plots), so the sweeps' tables and tests share one definition.
+"""
 
 from __future__ import annotations
 
@@ -70,3 +73,81 @@ def convergence_step(steps: Sequence[float], values: Sequence[float], threshold:
     if (v <= threshold) if mode == "below" else (v >= threshold):
       return s
   return None
+
+
+def group_by(records: Sequence[Mapping[str, Any]], keys: Sequence[str]
+             ) -> dict[tuple, list[Mapping[str, Any]]]:
+  """Records grouped by the values of `keys`, groups in first-seen order."""
+  out: dict[tuple, list] = {}
+  for r in records:
+    out.setdefault(tuple(r[k] for k in keys), []).append(r)
+  return out
+
+
+def seed_aggregate(records: Sequence[Mapping[str, Any]], keys: Sequence[str],
+                   metrics: Sequence[str]) -> list[dict[str, Any]]:
+  """Per group of `keys`: n and (mean, std over seeds, ddof=1) of each metric present."""
+  out = []
+  for group, recs in group_by(records, keys).items():
+    stats = cross_seed_summary([{m: r[m] for m in metrics if r.get(m) is not None}
+                                for r in recs])
+    out.append({**dict(zip(keys, group)), "n": len(recs), **stats})
+  return out
+
+
+def convergence_steps(histories: Mapping[str, Sequence[Mapping[str, Any]]], key: str = "loss",
+                      tail: int = 3) -> tuple[float, dict[str, float | None]]:
+  """The step at which each run first reaches the level that every run ends at.
+
+  The common threshold is the largest, over runs, of the mean of the last `tail` logged
+  values of `key`; each run's step is `aggregate.convergence_step(..., 'below')`. This is
+  our reading of the paper's "the baseline converges 24% faster" (section 6.3).
+  """
+  series = {name: [(r["step"], r[key]) for r in h if key in r] for name, h in histories.items()}
+  threshold = max(float(np.mean([v for _, v in s[-tail:]])) for s in series.values())
+  return threshold, {name: convergence_step([st for st, _ in s], [v for _, v in s], threshold)
+                     for name, s in series.items()}
+
+
+def split_slopes(loss: Sequence[float], entropy: Sequence[float]
+                 ) -> dict[str, float]:
+  """Least-squares slope dH/dloss above and below the median loss (Figure 3's claim).
+
+  The paper (section 6.4): at high loss the entropy falls steeply with the loss, at low
+  loss the relation flattens. Returns {'median_loss', 'slope_high_loss', 'slope_low_loss'}.
+  """
+  x, y = np.asarray(loss, float), np.asarray(entropy, float)
+  med = float(np.median(x))
+  out = {"median_loss": med}
+  for name, sel in (("slope_high_loss", x >= med), ("slope_low_loss", x < med)):
+    xs, ys = x[sel], y[sel]
+    out[name] = float(np.polyfit(xs, ys, 1)[0]) if xs.size >= 2 and np.ptp(xs) > 0 else math.nan
+  return out
+
+
+def plateau_step(steps: Sequence[float], values: Sequence[float], tail_frac: float = 0.2,
+                 tol: float = 0.02) -> tuple[float, float | None]:
+  """(level, step) at which a series settles on its final plateau.
+
+  The level is the mean of the last max(3, ceil(tail_frac * n)) values; the step is the
+  first one from which every later value (itself included) stays within `tol` of the
+  level (absolute: for a share such as the HF proportion, 0.02 is 2 points). A series
+  that touches the band and leaves it again settles only at its later return; one whose
+  last value is outside the band never settles (step None). nan values (e.g. an HF
+  proportion of a batch without words) are dropped first; (nan, None) with fewer than 3
+  points. Our convergence criterion for the generated text (the paper's "converges
+  faster", section 6.3, where every variant reaches 100% HF proportion).
+  """
+  if len(steps) != len(values):
+    raise ValueError(f"{len(steps)} steps but {len(values)} values")
+  keep = [(s, float(v)) for s, v in zip(steps, values) if not math.isnan(float(v))]
+  n = len(keep)
+  if n < 3:
+    return math.nan, None
+  v = np.asarray([x for _, x in keep], np.float64)
+  level = float(v[-max(3, math.ceil(tail_frac * n)):].mean())
+  inside = np.abs(v - level) <= tol + 1e-12  # rounding must not move a value out of the band
+  if not inside[-1]:
+    return level, None
+  outside = np.flatnonzero(~inside)
+  return level, keep[int(outside[-1]) + 1 if outside.size else 0][0]
