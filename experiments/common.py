@@ -95,6 +95,10 @@ def define_run_flags() -> None:
 
 def fail(message: str, code: int = 2):
   """One line on stderr, a non-zero exit, no traceback."""
+  import logging as std_logging
+  # After a failed checkpoint write, orbax's writer threads still hold failed futures;
+  # asyncio would report each one at exit, burying the one line.
+  std_logging.getLogger("asyncio").disabled = True
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
 
