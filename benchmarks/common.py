@@ -20,19 +20,8 @@ from typing import Any
 
 import jax
 
-# Dense (no structured sparsity) peak TFLOP/s per chip, bf16 (SPEC 7's table). The CPU
-# has no entry: its peak is unknown here, so only achieved TFLOP/s are printed there.
-PEAK_TFLOPS: dict[str, float] = {
-    "H100": 989.0,
-    "A100": 312.0,
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,  # v5e reports itself as "TPU v5 lite"
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,  # v5p reports itself as "TPU v5"
-    "TPU v6 lite": 918.0,  # v6e (Trillium)
-    "TPU v6e": 918.0,
-}
+# The device peaks live in the library (the training loop reports MFU too).
+from stabjax.throughput import PEAK_TFLOPS, peak_tflops  # noqa: E402,F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,19 +72,6 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int = 5,
     for name, fn in fns.items():
       samples[name].append(sum(_call(fn) for _ in range(calls)) / calls)
   return {name: Timing(first[name], tuple(samples[name])) for name in fns}
-
-
-def peak_tflops(device: jax.Device | None = None) -> float | None:
-  """The dense bf16 peak of `device` from `PEAK_TFLOPS`, or None when unknown (CPU)."""
-  device = jax.devices()[0] if device is None else device
-  if device.platform == "cpu":
-    return None
-  kind = device.device_kind
-  # Longest key first, so "TPU v5 lite" wins over "TPU v5".
-  for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
-    if key.lower() in kind.lower():
-      return PEAK_TFLOPS[key]
-  return None
 
 
 def machine_description() -> str:

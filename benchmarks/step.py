@@ -27,7 +27,7 @@ backward, with T = seq_len and *no causal halving* (every one of the T x T score
 same dense-model FLOPs are used for every row, so for rows with DMU/DTU (which skip
 work) the FLOP/s are effective rates; the c~ column gives the forward matmul share
 actually done (`feedback.learning_complexity`). MFU = FLOP/s over the device's dense
-bf16 peak (`benchmarks.common.PEAK_TFLOPS`); on CPU the peak is unknown and only the
+bf16 peak (`stabjax.throughput.PEAK_TFLOPS`); on CPU the peak is unknown and only the
 achieved TFLOP/s are printed.
 
   python benchmarks/step.py                          # gpt2_tiny, batch 16 x 256
@@ -36,13 +36,14 @@ achieved TFLOP/s are printed.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from stabjax.throughput import model_flops_per_token  # noqa: E402
 
 flags.DEFINE_string("model", "gpt2_tiny", "A model name from stabjax.configs.")
 flags.DEFINE_integer("batch_size", 16, "Global batch (sequences per step).")
@@ -76,21 +77,6 @@ def _configurations(seq_len: int):
       ("DMU only", {"dmu": dmu}, plain, off),
       ("DTU only", {"dtu": dtu}, plain, off),
   ]
-
-
-def model_flops_per_token(model_cfg, seq_len: int) -> tuple[float, int]:
-  """(6 N + 12 L d T, N): see the module docstring. N excludes position embeddings."""
-  import jax
-  from stabjax.models import init_params
-  shapes = jax.eval_shape(lambda k: init_params(model_cfg, k), jax.random.key(0))
-  n = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(shapes):
-    names = [str(getattr(p, "key", p)) for p in path]
-    if "wpe" in names or "position" in names:
-      continue
-    n += math.prod(leaf.shape)
-  attention = 12 * model_cfg.num_layers * model_cfg.d_model * seq_len
-  return 6.0 * n + attention, n
 
 
 def main(argv):

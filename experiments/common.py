@@ -95,6 +95,10 @@ def define_run_flags() -> None:
 
 def fail(message: str, code: int = 2):
   """One line on stderr, a non-zero exit, no traceback."""
+  import logging as std_logging
+  # After a failed checkpoint write, orbax's writer threads still hold failed futures;
+  # asyncio would report each one at exit, burying the one line.
+  std_logging.getLogger("asyncio").disabled = True
   print(f"error: {message}", file=sys.stderr)
   sys.exit(code)
 
@@ -195,10 +199,11 @@ def prepare_run(F):
 
 
 def run_and_report(cfg, dataset, workdir: str) -> dict:
-  from stabjax.run import NonFiniteLossError, train_and_evaluate
+  from stabjax.checkpoint import CheckpointError
+  from stabjax.run import NonFiniteLossError, WorkdirError, train_and_evaluate
   try:
     summary = train_and_evaluate(cfg, workdir, dataset, show_progress=FLAGS.progress)
-  except NonFiniteLossError as e:
+  except (NonFiniteLossError, WorkdirError, CheckpointError) as e:
     fail(str(e), code=1)
   workdir = os.path.abspath(workdir)
   if summary["status"] == "preempted":
@@ -270,11 +275,12 @@ def sweep(runs, workdir: str, reuse_from=()) -> list[dict]:
   """stabjax.sweep.run_sweep with the launcher's error handling; exits if a run stopped."""
   from stabjax import sweep as sweep_lib
   from stabjax.data import DataError
-  from stabjax.run import NonFiniteLossError
+  from stabjax.checkpoint import CheckpointError
+  from stabjax.run import NonFiniteLossError, WorkdirError
   try:
     summaries = sweep_lib.run_sweep(runs, workdir, show_progress=FLAGS.progress,
                                     reuse_from=reuse_from)
-  except (DataError, NonFiniteLossError, ValueError) as e:
+  except (DataError, NonFiniteLossError, ValueError, WorkdirError, CheckpointError) as e:
     fail(str(e), code=1)
   if len(summaries) < len(runs) or summaries[-1]["status"] != "finished":
     print("sweep interrupted: run the same command again to continue")

@@ -2,18 +2,24 @@
 
 Each checkpoint holds two items: 'state' (params, optimizer and PSU state, step, key; saved
 sharded, asynchronously) and 'data' (the input pipeline's position as JSON), so a resumed
-run sees exactly the batches it would have seen.
+run sees exactly the batches it would have seen. `restore_latest_intact` falls back past
+a corrupt or partial newest checkpoint, moving it aside rather than deleting it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """No intact checkpoint to resume from, or one could not be written; one line."""
 
 
 class Checkpointer:
@@ -21,18 +27,67 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3):
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
+    self._keep = keep
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True,
                                              enable_async_checkpointing=True),
         item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore_latest_intact(self, abstract_state: Any, shardings: Any,
+                            warn: Callable[[str], None] = print
+                            ) -> tuple[int | None, Any, dict | None]:
+    """(step, state, data_state) of the newest checkpoint that restores; (None, None, None)
+    when there is none at all.
+
+    A checkpoint that fails to restore (truncated, partial, unreadable) is moved to
+    `<directory>_corrupt/<step>` with a one-line `warn`, and the next older one is tried;
+    CheckpointError when every one fails.
+    """
+    steps = self.all_steps()
+    for step in reversed(steps):
+      try:
+        state, data = self.restore(step, abstract_state, shardings)
+        return step, state, data
+      except Exception as e:  # orbax raises many types for a damaged checkpoint
+        aside = self._move_aside(step)
+        warn(f"warning: checkpoint step {step} in {self.directory} does not restore "
+             f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); moved "
+             f"to {aside}; trying the one before")
+    if steps:
+      raise CheckpointError(f"no intact checkpoint in {self.directory} (steps "
+                            f"{', '.join(map(str, steps))} moved to {self.directory}_corrupt); "
+                            f"start a new --workdir or restore them by hand")
+    return None, None, None
+
+  def _move_aside(self, step: int) -> str:
+    aside_root = self.directory + "_corrupt"
+    os.makedirs(aside_root, exist_ok=True)
+    target, n = os.path.join(aside_root, str(step)), 1
+    while os.path.exists(target):
+      target, n = os.path.join(aside_root, f"{step}.{n}"), n + 1
+    self._manager.close()
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager = self._open()  # forget the moved step
+    return target
+
   def save(self, step: int, state: Any, data_state: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    """Saves asynchronously; CheckpointError (one line) when this or the previous save
+    could not be written (read-only or full disk); the last completed checkpoint stays."""
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    except Exception as e:
+      raise self._write_error(e) from None
 
   def restore(self, step: int, abstract_state: Any = None, shardings: Any = None
               ) -> tuple[Any, dict]:
@@ -57,8 +112,19 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(e) from None
+    finally:
+      self._manager.close()
+
+  def _write_error(self, e: Exception) -> CheckpointError:
+    last = self._manager.latest_step()
+    return CheckpointError(
+        f"cannot write a checkpoint to {self.directory} ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:160] if str(e) else ''}); the last complete checkpoint is "
+        f"step {last}; free disk space or fix permissions, then run the same command again")
 
 
 class SigtermFlag:

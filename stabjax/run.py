@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
-from stabjax import degeneration, sharding
+from stabjax import degeneration, sharding, throughput
 from stabjax.checkpoint import Checkpointer, SigtermFlag
 from stabjax.data import make_iterator
 from stabjax.optim import lr_schedule
@@ -43,17 +44,15 @@ class MetricWriter:
   def __init__(self, workdir: str, resume_step: int):
     self.path = os.path.join(workdir, "metrics.jsonl")
     rows = read_jsonl(self.path)
-    # A resumed run replays the steps after its checkpoint: drop what it will log again.
-    with open(self.path, "w") as f:
-      for row in rows:
-        if row["step"] <= resume_step:
-          f.write(json.dumps(row) + "\n")
+    # A resumed run replays the steps after its checkpoint: drop what it will log again
+    # (rewritten through a temporary file: a full disk must not lose the kept rows).
+    _write_file(self.path, "".join(json.dumps(r) + "\n" for r in rows
+                                   if r["step"] <= resume_step))
     self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     row = {"step": step, **{k: _to_py(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    _append_line(self.path, json.dumps(row))
     for k, v in row.items():
       if k != "step" and isinstance(v, (int, float)):
         self._tb.add_scalar(k, v, step)
@@ -148,73 +147,157 @@ def _all_finite(tree) -> bool:
       lambda a, b: a & b, jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree))))
 
 
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used as asked; `str(e)` is one line saying why and what to do."""
+
+
+# Settings a resumed run may change: they decide what is measured, logged or kept and
+# where it runs, not what is trained. Keys are dotted paths into config.json; a section
+# name covers the whole section.
+RESUMABLE = ("generation", "data.cache_dir", "train.eval_every", "train.eval_batches",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+             "train.mesh")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+  return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, list]]:
+  """(refused, allowed) differences between two config.json dicts, as {dotted key: (old,
+  new)}: allowed are those under `RESUMABLE`, refused every other (training) setting."""
+  a, b = _flatten(old), _flatten(new)
+  diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+  resumable = lambda k: any(k == r or k.startswith(r + ".") for r in RESUMABLE)  # noqa: E731
+  return ({k: v for k, v in diff.items() if not resumable(k)},
+          {k: list(v) for k, v in diff.items() if resumable(k)})
+
+
+class WorkdirLock:
+  """An exclusive `flock` on WORKDIR/.lock while a run trains there.
+
+  The kernel drops the lock when the process dies, so a killed run never leaves it stuck.
+  (flock needs a local or NFS file system; cloud paths are not locked.)
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self._file = None
+
+  def __enter__(self) -> "WorkdirLock":
+    import fcntl
+    f = open(os.path.join(self.workdir, ".lock"), "a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      f.close()
+      raise WorkdirError(f"{self.workdir} is in use by another run (pid {holder}); wait for it "
+                         f"to finish or use another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    self._file = f
+    return self
+
+  def __exit__(self, *exc) -> None:
+    import fcntl
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+
+
+def _write_file(path: str, text: str) -> None:
+  """Write `text` to `path` through a temporary file, so a full disk never leaves half a
+  file; WorkdirError (one line) when it cannot be written."""
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise WorkdirError(f"cannot write {path}: {e.strerror}; free disk space or fix "
+                       f"permissions, then run the same command again") from None
+
+
+def _append_line(path: str, line: str) -> None:
+  try:
+    with open(path, "a") as f:
+      f.write(line + "\n")
+  except OSError as e:
+    raise WorkdirError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _close_quietly(ckpt: Checkpointer, writer: "MetricWriter | None") -> None:
+  """Close after an error without raising a second one (the first says what happened)."""
+  for close in (ckpt.close, writer.close if writer is not None else None):
+    if close is not None:
+      try:
+        close()
+      except Exception:  # noqa: BLE001
+        pass
+
+
 def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: bool = True
                        ) -> dict[str, Any]:
-  """Train (or resume) in `workdir`; returns the summary also written to summary.json."""
-  cfg = resolve_feedback_target(cfg, dataset)
-  t = cfg.train
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config_to_dict(cfg), f, indent=2)
+  """Train (or resume) in `workdir`; returns the summary also written to summary.json.
 
+  Guards (each a one-line error, nothing of the earlier run changed): `WorkdirError` when
+  the workdir holds a run with other training settings (`config_changes`) or another live
+  run holds its lock, or a file cannot be written; `CheckpointError` when no checkpoint
+  restores or one cannot be written. A corrupt newest checkpoint is moved aside with a
+  warning and the run resumes from the one before.
+  """
+  cfg = resolve_feedback_target(cfg, dataset)
+  config = json.loads(json.dumps(config_to_dict(cfg)))
+  config_path = os.path.join(workdir, "config.json")
+  allowed: dict[str, list] = {}
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      refused, allowed = config_changes(json.load(f), config)
+    if refused:
+      raise WorkdirError(
+          f"{workdir} holds a run with other training settings ("
+          + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+          + "); resume it with its own flags or use another --workdir")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"cannot create {workdir}: {e.strerror}") from None
+  with WorkdirLock(workdir):
+    _write_file(config_path, json.dumps(config, indent=2))
+    if allowed:  # evaluation / logging settings changed on resume: keep a record
+      _append_line(os.path.join(workdir, "resumes.jsonl"), json.dumps(
+          {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": allowed}))
+    return _train(cfg, workdir, dataset, show_progress)
+
+
+def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool) -> dict[str, Any]:
+  t = cfg.train
   trainer = Trainer.create(cfg, special_ids(dataset.tokenizer))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   iterator_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  start = ckpt.latest_step()
-  if start is None:
-    state = trainer.init_state()
-    train_it = make_iterator(dataset, "train", t.batch_size, t.seed, **iterator_kw)
-    start = 0
-  else:
-    state, data_state = ckpt.restore(start, trainer.abstract_state, trainer.state_shardings)
+  writer = None
+  try:
+    start, state, data_state = ckpt.restore_latest_intact(
+        trainer.abstract_state, trainer.state_shardings,
+        warn=lambda m: print(m, file=sys.stderr))
+    if start is None:
+      state, start = trainer.init_state(), 0
     train_it = make_iterator(dataset, "train", t.batch_size, t.seed, state=data_state,
                              **iterator_kw)
-  writer = MetricWriter(workdir, resume_step=start)
-  neg_log_freq = jax.device_put(jnp.asarray(dataset.neg_log_freq, jnp.float32),
-                                sharding.replicated(trainer.mesh))
-
-  step, status = start, "finished"
-  tokens_per_step = t.batch_size * t.seq_len
-  with SigtermFlag() as sigterm, tqdm.tqdm(total=t.steps, initial=start, desc="train",
-                                           disable=not show_progress, unit="step") as bar:
-    last_time = time.perf_counter()
-    while step < t.steps:
-      batch = trainer.put_batch(next(train_it))
-      state, metrics = trainer.train_step(state, batch, neg_log_freq)
-      step += 1
-      metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics["loss"]):
-        ckpt.close()
-        writer.close()
-        raise NonFiniteLossError(
-            f"non-finite loss ({metrics['loss']}) at step {step}; the last good checkpoint is "
-            f"step {ckpt.latest_step()} in {ckpt.directory}")
-      now = time.perf_counter()
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}", H=f"{metrics['entropy']:.3f}",
-                      tok_s=f"{tokens_per_step / max(now - last_time, 1e-9):,.0f}")
-      bar.update(1)
-      last_time = now
-      if step % t.log_every == 0 or step == t.steps:
-        writer.write(step, {**metrics, "lr": lr_schedule(t)(step - 1)})
-      if step % t.eval_every == 0 or step == t.steps:
-        row = evaluate(trainer, state.params, dataset, cfg)
-        if cfg.generation.eval_gen_prompts:
-          gen, shown = evaluate_generation(trainer, state.params, dataset, cfg)
-          row.update(gen)
-          writer.write_texts(step, shown)
-        writer.write(step, row)
-      stop = bool(sigterm) or ckpt.reached_preemption(step)
-      if step % t.checkpoint_every == 0 or step == t.steps or stop:
-        if not _all_finite(state.params):
-          ckpt.close()
-          writer.close()
-          raise NonFiniteLossError(
-              f"non-finite parameters after step {step}; not saved; the last good checkpoint is "
-              f"step {ckpt.latest_step()} in {ckpt.directory}")
-        ckpt.save(step, state, train_it.state.to_dict())
-      if stop:
-        status = "preempted"
-        break
+    writer = MetricWriter(workdir, resume_step=start)
+    step, status, state = _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start,
+                                show_progress)
+  except BaseException:
+    _close_quietly(ckpt, writer)
+    raise
   ckpt.close()
   writer.close()
 
@@ -225,11 +308,64 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
     gen_metrics, texts = degeneration.measure(trainer.model, state.params, dataset,
                                               cfg.generation)
     summary["generation"] = gen_metrics
-    with open(os.path.join(workdir, "samples.txt"), "w") as f:
-      f.write(degeneration.format_samples(texts))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    _write_file(os.path.join(workdir, "samples.txt"), degeneration.format_samples(texts))
+    _write_file(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   return summary
+
+
+def _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start, show_progress):
+  """The training loop from `start`; (last step, 'finished' | 'preempted', state)."""
+  t = cfg.train
+  neg_log_freq = jax.device_put(jnp.asarray(dataset.neg_log_freq, jnp.float32),
+                                sharding.replicated(trainer.mesh))
+  step, status = start, "finished"
+  tokens_per_step = t.batch_size * t.seq_len
+  flops_per_token, _ = throughput.model_flops_per_token(cfg.model, t.seq_len)
+  peak = throughput.peak_tflops()
+  with SigtermFlag() as sigterm, tqdm.tqdm(total=t.steps, initial=start, desc="train",
+                                           disable=not show_progress, unit="step") as bar:
+    last_time = time.perf_counter()
+    while step < t.steps:
+      batch = trainer.put_batch(next(train_it))
+      state, metrics = trainer.train_step(state, batch, neg_log_freq)
+      step += 1
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics["loss"]):
+        raise NonFiniteLossError(
+            f"non-finite loss ({metrics['loss']}) at step {step}; the last good checkpoint is "
+            f"step {ckpt.latest_step()} in {ckpt.directory}")
+      now = time.perf_counter()
+      # Wall time between steps (the first includes compilation): tokens/s per device and,
+      # where the device's peak is known, MFU.
+      perf = throughput.step_throughput(tokens_per_step, now - last_time, flops_per_token,
+                                        jax.device_count(), peak)
+      postfix = {"loss": f"{metrics['loss']:.3f}", "H": f"{metrics['entropy']:.3f}",
+                 "tok/s/dev": f"{perf['perf/tokens_per_s_per_device']:,.0f}"}
+      if "perf/mfu" in perf:
+        postfix["MFU"] = f"{perf['perf/mfu']:.1%}"
+      bar.set_postfix(postfix)
+      bar.update(1)
+      last_time = now
+      if step % t.log_every == 0 or step == t.steps:
+        writer.write(step, {**metrics, "lr": lr_schedule(t)(step - 1), **perf})
+      if step % t.eval_every == 0 or step == t.steps:
+        row = evaluate(trainer, state.params, dataset, cfg)
+        if cfg.generation.eval_gen_prompts:
+          gen, shown = evaluate_generation(trainer, state.params, dataset, cfg)
+          row.update(gen)
+          writer.write_texts(step, shown)
+        writer.write(step, row)
+      stop = bool(sigterm) or ckpt.reached_preemption(step)
+      if step % t.checkpoint_every == 0 or step == t.steps or stop:
+        if not _all_finite(state.params):
+          raise NonFiniteLossError(
+              f"non-finite parameters after step {step}; not saved; the last good checkpoint is "
+              f"step {ckpt.latest_step()} in {ckpt.directory}")
+        ckpt.save(step, state, train_it.state.to_dict())
+      if stop:
+        status = "preempted"
+        break
+  return step, status, state
 
 
 def final_summary(history: list[dict]) -> dict[str, Any]:

@@ -37,9 +37,14 @@ def losses(workdir):
 
 
 def summary(workdir):
+  """summary.json without what differs between identical runs: the workdir and wall-clock
+  throughput ('perf/...')."""
   with open(os.path.join(workdir, "summary.json")) as f:
     s = json.load(f)
   s.pop("workdir")
+  timeless = lambda row: {k: v for k, v in row.items() if not k.startswith("perf/")}  # noqa: E731
+  s["history"] = [timeless(r) for r in s["history"]]
+  s["final"] = timeless(s["final"])
   return s
 
 

@@ -40,6 +40,9 @@ def test_every_eval_step_logs_the_generated_hf_proportion_and_entropy(finished_r
   _, _, workdir, _ = finished_run
   rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "val_loss" in r]
   assert [r["step"] for r in rows] == [3, 6]
+  train_rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+  assert all(r["perf/tokens_per_s_per_device"] > 0 for r in train_rows)
+  assert not any("perf/mfu" in r for r in train_rows)  # no known peak on CPU
   for r in rows:
     assert 0.0 <= r["gen/hf_proportion"] <= 1.0
     assert r["gen/generative_entropy"] > 0.0
