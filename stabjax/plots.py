@@ -90,6 +90,11 @@ def plot_table1(path: str, alphas: Sequence[float],
     _finish_panel(ax, ylabel, ylim)
   if axes[0][0].get_legend_handles_labels()[0]:
     axes[0][0].legend(fontsize=7)  # one colour per model in every panel
+  return _save(plt, fig, path, title, dpi)
+
+
+def _save(plt, fig, path: str, title: str, dpi: int) -> Any:
+  """Title, tight layout, PNG, close; returns the (closed) figure."""
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
@@ -136,12 +141,7 @@ def plot_panel_grid(path: str, alphas: Sequence[float],
       axes[r][c].set_title(row_title, fontsize=9)
     if axes[r][0].get_legend_handles_labels()[0]:
       axes[r][0].legend(fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=dpi)
-  plt.close(fig)
-  return fig
+  return _save(plt, fig, path, title, dpi)
 
 
 def plot_grouped_bars(path: str, groups: Sequence[str], panels: Sequence[tuple[str, Mapping[
