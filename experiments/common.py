@@ -290,3 +290,18 @@ def sweep(runs, workdir: str, reuse_from=()) -> list[dict]:
 
 def alpha_label(a: float) -> str:
   return f"α={a:g}"
+
+
+def run_grid(base, models, seeds, alphas, workdir: str) -> tuple[list, list[dict], float]:
+  """The models x seeds x alphas sweep of `base` in `workdir` (Table 1's grid): (runs,
+  summaries, elapsed seconds)."""
+  import time
+  from stabjax import sweep as sweep_lib
+  runs = [sweep_lib.SweepRun(sweep_lib.run_name(m, s, a),
+                             sweep_lib.override_config(base, model=m, seed=s, alpha=a),
+                             {"model": m, "seed": s, "alpha": a})
+          for m in models for s in seeds for a in alphas]
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  summaries = sweep(runs, workdir)
+  return runs, summaries, time.perf_counter() - start

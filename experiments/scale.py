@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -124,14 +123,7 @@ def main(argv):
     common.fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpshort)")
   models, seeds, alphas = common.parse_grid(FLAGS)
   base = common.base_config(FLAGS)
-  runs = [sweep.SweepRun(sweep.run_name(m, s, a),
-                         sweep.override_config(base, model=m, seed=s, alpha=a),
-                         {"model": m, "seed": s, "alpha": a})
-          for m in models for s in seeds for a in alphas]
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  start = time.perf_counter()
-  summaries = common.sweep(runs, FLAGS.workdir)
-  elapsed = time.perf_counter() - start
+  runs, summaries, elapsed = common.run_grid(base, models, seeds, alphas, FLAGS.workdir)
   t = base.train
   extra = {"data": base.data.spec, "steps": t.steps, "batch_size": t.batch_size,
            "seq_len": t.seq_len, "hf_top_k": base.generation.hf_top_k}

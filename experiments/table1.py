@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -166,14 +165,7 @@ def main(argv):
     common.fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpshort)")
   models, seeds, alphas = common.parse_grid(FLAGS)
   base = common.base_config(FLAGS)
-  runs = [sweep.SweepRun(sweep.run_name(m, s, a),
-                         sweep.override_config(base, model=m, seed=s, alpha=a),
-                         {"model": m, "seed": s, "alpha": a})
-          for m in models for s in seeds for a in alphas]
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  start = time.perf_counter()
-  summaries = common.sweep(runs, FLAGS.workdir)
-  elapsed = time.perf_counter() - start
+  runs, summaries, elapsed = common.run_grid(base, models, seeds, alphas, FLAGS.workdir)
   extra = {"data": base.data.spec, "steps": base.train.steps,
            "hf_top_k": base.generation.hf_top_k}
   records = [sweep.run_record({**r.labels, **extra, "run_dir": os.path.relpath(s["workdir"])}, s)
