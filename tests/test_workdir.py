@@ -119,11 +119,14 @@ def test_a_second_run_on_a_live_workdir_is_refused_and_a_killed_run_leaves_no_lo
   finally:
     first.send_signal(signal.SIGKILL)
     first.wait()
-  # The kernel released the killed run's lock: the same command resumes.
+  # The kernel released the killed run's lock: the same command resumes. The first run
+  # kept training while the second was refused, so wait for a checkpoint newer than any it
+  # left (one it left would exist before the third run handles SIGTERM).
+  done = [int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit()]
   third = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env=env)
   try:
-    _wait_for_checkpoint(third, wd / "checkpoints", 20)
+    _wait_for_checkpoint(third, wd / "checkpoints", max(done) + 10)
   finally:
     third.send_signal(signal.SIGTERM)
     out, err = third.communicate(timeout=120)
