@@ -285,7 +285,7 @@ def _load_tfds(config: DataConfig, spec: DataSpec) -> Dataset:
     raise DataError(
         f"tfds:{spec.tfds_id} is not prepared in {builder.data_dir} and is never downloaded "
         f"here; prepare it on a machine with network (tfds build {spec.tfds_id} "
-        f"--file_format=array_record --data_dir=DIR) and pass tfds_data_dir=DIR")
+        f"--file_format=array_record --data_dir=DIR) and pass --tfds_data_dir=DIR")
   fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format))
   if fmt not in ("array_record", "parquet"):
     raise DataError(f"tfds:{spec.tfds_id} is prepared as {fmt} in {builder.data_dir}; random "

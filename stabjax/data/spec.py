@@ -97,7 +97,8 @@ class DataConfig:
   """Everything that defines the data a run trains and evaluates on.
 
   Attributes:
-    spec: the `--data` string (see `parse_data_spec`).
+    spec: what to train on: synthetic, text:PATH_OR_GLOB or tfds:NAME[/CONFIG]
+      (`parse_data_spec`).
     seq_len: tokens per row, BOS and EOS included (>= 2; >= 3 for synthetic data, which
       needs room for BOS, one word and EOS). The synthetic generator's length cap.
     vocab_size: SentencePiece vocabulary size (text/tfds). Byte fallback needs at least
