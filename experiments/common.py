@@ -20,7 +20,7 @@ empty value gives None) and `tuple[X, ...]` (a comma-separated list). Flag names
   another section's flag (data.seq_len from --seq_len, generation.seed from --seed).
 
 Hand-written here are only the flags that are not run config: --model (which named size),
---progress and --distributed.
+--progress, --distributed, --wandb_project and --wandb_entity.
 """
 
 from __future__ import annotations
@@ -221,6 +221,11 @@ def define_run_flags(flag_values=FLAGS) -> None:
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU "
                     "pods).", flag_values=flag_values)
   flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.", flag_values=flag_values)
+  flags.DEFINE_string("wandb_project", None, "Also log metrics and samples to this Weights & "
+                      "Biases project (process 0 only; needs pip install -e '.[wandb]'). "
+                      "Unset: wandb is never imported.", flag_values=flag_values)
+  flags.DEFINE_string("wandb_entity", None, "W&B entity (user or team) of --wandb_project.",
+                      flag_values=flag_values)
 
 
 def fail(message: str, code: int = 2):
@@ -308,6 +313,7 @@ def prepare_run(F):
   if not F["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save at INFO
   cfg = build_config(F)
+  make_logger(F)  # a missing wandb fails here, before the data is built
   if F.distributed:
     import jax
     jax.distributed.initialize()
@@ -326,11 +332,23 @@ def prepare_run(F):
   return cfg, dataset
 
 
+def make_logger(F):
+  """The --wandb_project logger, or None (then wandb is never imported)."""
+  if not F.wandb_project:
+    return None
+  from stabjax.logging_wandb import WandbError, WandbLogger
+  try:
+    return WandbLogger(F.wandb_project, F.wandb_entity)
+  except WandbError as e:
+    fail(str(e))
+
+
 def run_and_report(cfg, dataset, workdir: str) -> dict:
   from stabjax.checkpoint import CheckpointError
   from stabjax.run import NonFiniteLossError, WorkdirError, train_and_evaluate
   try:
-    summary = train_and_evaluate(cfg, workdir, dataset, show_progress=FLAGS.progress)
+    summary = train_and_evaluate(cfg, workdir, dataset, show_progress=FLAGS.progress,
+                                 logger=make_logger(FLAGS))
   except (NonFiniteLossError, WorkdirError, CheckpointError) as e:
     fail(str(e), code=1)
   workdir = os.path.abspath(workdir)
@@ -392,6 +410,7 @@ def base_config(F):
   if not F["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cfg = build_config(F)
+  make_logger(F)
   if F.distributed:
     import jax
     jax.distributed.initialize()
@@ -404,10 +423,15 @@ def sweep(runs, workdir: str, reuse_from=()) -> list[dict]:
   from stabjax import sweep as sweep_lib
   from stabjax.data import DataError
   from stabjax.checkpoint import CheckpointError
+  from stabjax import run as run_lib
   from stabjax.run import NonFiniteLossError, WorkdirError
+  logger = make_logger(FLAGS)
+  # Looked up now (not at import): tests stand in for train_and_evaluate.
+  train = (None if logger is None else
+           lambda *a, **kw: run_lib.train_and_evaluate(*a, logger=logger, **kw))
   try:
     summaries = sweep_lib.run_sweep(runs, workdir, show_progress=FLAGS.progress,
-                                    reuse_from=reuse_from)
+                                    reuse_from=reuse_from, train=train)
   except (DataError, NonFiniteLossError, ValueError, WorkdirError, CheckpointError) as e:
     fail(str(e), code=1)
   if len(summaries) < len(runs) or summaries[-1]["status"] != "finished":

@@ -153,7 +153,7 @@ def test_helpshort_lists_the_run_flags_on_every_launcher():
     proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", f"{name}.py"),
                            "--helpshort"], capture_output=True, text=True, timeout=120, env=env)
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]  # (absl exits 1 after help)
-    for flag in ("alpha", "model", "psu_penalty", "text_split", "tfds_data_dir",
+    for flag in ("alpha", "model", "psu_penalty", "text_split", "tfds_data_dir", "wandb_project",
                  "[no]distributed", "[no]psu", own):
       assert f"  --{flag}:" in proc.stdout, (name, flag)
     assert "Accepted: auto, blank_line, line." in " ".join(proc.stdout.split())
