@@ -14,10 +14,10 @@ empty value gives None) and `tuple[X, ...]` (a comma-separated list). Flag names
 * every other section prefixes its fields with its name (--psu_value, --dmu_mode,
   --dtu_keep, --psu_penalty), and its `enabled` field is the bare name (--psu, --dmu, --dtu);
 * RENAMED keeps the names the README, the paper's command and earlier runs use;
-* NOT_FLAGS are the fields that get their value elsewhere: the model's shape comes from
-  --model (a named size; add one to configs.MODEL_CONFIGS for another shape, so that a
-  run's name says its shape), its vocabulary from the tokenizer, and a few fields from
-  another section's flag (data.seq_len from --seq_len, generation.seed from --seed).
+* NOT_FLAGS get their value elsewhere: the model's shape (FROM_MODEL) comes from --model
+  (a named size; add one to configs.MODEL_CONFIGS for another shape, so that a run's name
+  says its shape), its vocabulary from the tokenizer, and FROM_FLAG fields from another
+  section's flag (data.seq_len from --seq_len, generation.seed from --seed).
 
 Hand-written here are only the flags that are not run config: --model (which named size),
 --progress, --distributed, --wandb_project and --wandb_entity.
@@ -41,23 +41,20 @@ from stabjax.configs import MODEL_CONFIGS
 
 FLAGS = flags.FLAGS
 
-# Sections whose fields are flags under their own name (no prefix).
+# Sections whose fields are flags under their own name; the others prefix it with theirs.
 FLAT_SECTIONS = ("train", "model", "data", "generation")
-# Prefixes of the other sections (default: the section's own name, e.g. psu_).
-SECTION_PREFIX = {"model.dmu": "dmu", "model.dtu": "dtu"}
 RENAMED = {
     "model.dmu.c_tilde": "c_tilde",  # the paper's c~, --c_tilde since the first release
     "data.spec": "data",  # --data=synthetic | text:PATH | tfds:NAME
     "generation.batch_size": "gen_batch_size",  # --batch_size is the training batch
 }
-# Fields with no flag of their own: {dotted path: where the value comes from}.
-NOT_FLAGS = {
-    "model.name": "--model", "model.arch": "--model", "model.max_len": "--model",
-    "model.num_layers": "--model", "model.num_heads": "--model", "model.d_model": "--model",
-    "model.d_ff": "--model", "model.layer_norm_eps": "--model",
-    "model.type_vocab_size": "--model", "model.vocab_size": "the tokenizer",
-    "data.seq_len": "--seq_len", "generation.seed": "--seed",
-}
+# Fields with no flag of their own. The named size's (--model) shape; its vocabulary is
+# replaced by the tokenizer's:
+FROM_MODEL = ("name", "arch", "vocab_size", "max_len", "num_layers", "num_heads", "d_model",
+              "d_ff", "layer_norm_eps", "type_vocab_size")
+# and fields set from another section's flag:
+FROM_FLAG = {"data.seq_len": "seq_len", "generation.seed": "seed"}
+NOT_FLAGS = frozenset({f"model.{f}" for f in FROM_MODEL} | set(FROM_FLAG))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +105,7 @@ def flag_name(path: str) -> str:
   section, _, name = path.rpartition(".")
   if not section or section in FLAT_SECTIONS:
     return name
-  prefix = SECTION_PREFIX.get(section, section.rpartition(".")[2])
+  prefix = section.rpartition(".")[2]
   return prefix if name == "enabled" else f"{prefix}_{name}"
 
 
@@ -130,7 +127,7 @@ def _field_type(t, where: str) -> tuple[type, tuple, bool, bool]:
   if t not in (bool, int, float, str) or (optional and is_list) or (
       choices and not all(isinstance(c, str) for c in choices)):
     raise TypeError(f"{where}: type {t!r} has no flag; use bool, int, float, str, a Literal "
-                    f"of strings, X | None or tuple[X, ...], or add it to NOT_FLAGS")
+                    f"of strings, X | None or tuple[X, ...], or add it to FROM_MODEL/FROM_FLAG")
   return t, tuple(choices), optional, is_list
 
 
@@ -161,7 +158,7 @@ def run_settings(cls=None, path: str = "") -> list[Setting]:
       default = f.default_factory()
     else:
       raise TypeError(f"{cls.__name__}.{f.name} has no default, so it cannot be a flag; give "
-                      f"it one or add {p!r} to NOT_FLAGS")
+                      f"it one or add it to FROM_MODEL/FROM_FLAG")
     kind, choices, optional, is_list = _field_type(t, f"{cls.__name__}.{f.name}")
     out.append(Setting(p, flag_name(p), kind, default, docs.get(f.name, ""), choices,
                        optional, is_list))
@@ -245,8 +242,9 @@ def _choice(name: str, value: str, accepted) -> str:
 
 
 def _flag_of(path: str) -> str | None:
-  source = NOT_FLAGS.get(path, f"--{flag_name(path)}")
-  return source if source.startswith("--") else None
+  if path in FROM_FLAG:
+    return f"--{FROM_FLAG[path]}"
+  return None if path in NOT_FLAGS else f"--{flag_name(path)}"
 
 
 def _name_flags(message: str, cls, path: str) -> str:
@@ -266,11 +264,11 @@ def _build(cls, path: str, F):
   for p, f, _, section in _walk(cls, path):
     if section is not None:
       kw[f.name] = _build(section, p, F)
+    elif p in FROM_FLAG:
+      kw[f.name] = F[FROM_FLAG[p]].value
     elif p not in NOT_FLAGS:
       value = F[flag_name(p)].value
       kw[f.name] = tuple(value) if isinstance(value, list) else value
-    elif NOT_FLAGS[p].startswith("--") and NOT_FLAGS[p] != "--model":
-      kw[f.name] = F[NOT_FLAGS[p][2:]].value
   try:
     if cls is configs.ModelConfig:  # the named size's shape with the flags' settings
       return configs.get_model_config(F.model, **kw)
