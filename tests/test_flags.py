@@ -13,6 +13,7 @@ import pytest
 from absl import flags
 
 from experiments import common
+from stabjax import configs
 from stabjax.train import RunConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,6 +145,17 @@ def test_a_new_field_or_section_becomes_a_flag_without_code():
       "tracker_project": ("tracker.project", str, True, False, "where to log, continued here."),
       "tracker_entity": ("tracker.entity", str, False, False, "where to log, continued here."),
   }
+
+
+@dataclasses.dataclass(frozen=True)
+class Clash:
+  seed: int = 0
+  train: configs.TrainConfig = configs.TrainConfig()  # a flat section: --seed again
+
+
+def test_two_fields_with_one_flag_name_are_refused():
+  with pytest.raises(ValueError, match="--seed would be both seed and train.seed"):
+    common.run_settings(Clash)
 
 
 def test_helpshort_lists_the_run_flags_on_every_launcher():
