@@ -32,6 +32,7 @@ VARIANT_TITLES = {"full": "full (DMU + DTU)", "nodmu": "without DMU", "nodtu": "
 common.define_run_flags()
 common.define_sweep_flags(models=["gpt2_tiny"], seeds=[2025], alphas=["0", "0.05", "0.2"],
                           workdir="runs/ablation")
+flags.adopt_module_key_flags(common)  # --helpshort lists the run flags
 flags.DEFINE_list("variants", list(VARIANTS), f"Ablation variants: {', '.join(VARIANTS)}.")
 flags.DEFINE_bool("shared_c_tilde", True, "Give every variant the full model's PSU c~ "
                   "(--psu_c_tilde_from=full), so a variant differs from the full model only in "

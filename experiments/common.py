@@ -1,96 +1,228 @@
 """Flags shared by the launchers, and the flags -> RunConfig translation with its checks.
 
 Flags live only here and in the launchers; the library takes dataclasses.
+
+The run flags are generated from the run's config dataclasses (`stabjax.train.RunConfig`
+and its sections, recursively): one flag per field, with the field's type, default and
+help (the `Attributes:` section of the class's docstring, stabjax/configs.py), so a new
+field is a new flag with no code here. Field types: bool, int, float, str, a `Literal` of
+strings (a choice: the accepted values are checked and named), `X | None` ('none' or an
+empty value gives None) and `tuple[X, ...]` (a comma-separated list). Flag names:
+
+* RunConfig's own fields and those of the sections in FLAT_SECTIONS keep their name
+  (--steps, --alpha, --dtype, --remat, --text_feature, --tfds_data_dir, --num_samples);
+* every other section prefixes its fields with its name (--psu_value, --dmu_mode,
+  --dtu_keep, --psu_penalty), and its `enabled` field is the bare name (--psu, --dmu, --dtu);
+* RENAMED keeps the names the README, the paper's command and earlier runs use;
+* NOT_FLAGS get their value elsewhere: the model's shape (FROM_MODEL) comes from --model
+  (a named size; add one to configs.MODEL_CONFIGS for another shape, so that a run's name
+  says its shape), its vocabulary from the tokenizer, and FROM_FLAG fields from another
+  section's flag (data.seq_len from --seq_len, generation.seed from --seed).
+
+Hand-written here are only the flags that are not run config: --model (which named size),
+--progress, --distributed, --wandb_project and --wandb_entity.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import inspect
 import os
+import re
 import sys
+import types
+import typing
+from typing import Any, Literal
 
 from absl import flags, logging
 
 from stabjax import configs, sharding
-from stabjax.degeneration import GenerationEvalConfig
-from stabjax.configs import DMU_MODES, DTU_SCORES, FEEDBACK_FORMS, MODEL_CONFIGS, OPTIMIZERS
-from stabjax.psu import C_TILDE_FROM, PSUConfig
+from stabjax.configs import MODEL_CONFIGS
 
 FLAGS = flags.FLAGS
-DTYPES = ("float32", "bfloat16")
-PSU_VALUES = ("exact", "linear")
+
+# Sections whose fields are flags under their own name; the others prefix it with theirs.
+FLAT_SECTIONS = ("train", "model", "data", "generation")
+RENAMED = {
+    "model.dmu.c_tilde": "c_tilde",  # the paper's c~, --c_tilde since the first release
+    "data.spec": "data",  # --data=synthetic | text:PATH | tfds:NAME
+    "generation.batch_size": "gen_batch_size",  # --batch_size is the training batch
+}
+# Fields with no flag of their own. The named size's (--model) shape; its vocabulary is
+# replaced by the tokenizer's:
+FROM_MODEL = ("name", "arch", "vocab_size", "max_len", "num_layers", "num_heads", "d_model",
+              "d_ff", "layer_norm_eps", "type_vocab_size")
+# and fields set from another section's flag:
+FROM_FLAG = {"data.seq_len": "seq_len", "generation.seed": "seed"}
+NOT_FLAGS = frozenset({f"model.{f}" for f in FROM_MODEL} | set(FROM_FLAG))
 
 
-def define_run_flags() -> None:
-  """Every knob of the SPEC as an absl flag (string flags for choices: validated in one place)."""
-  d = configs.TrainConfig()
-  dmu, dtu = configs.DMUConfig(), configs.DTUConfig()
-  flags.DEFINE_string("model", "gpt2_tiny", f"Model size: {', '.join(MODEL_CONFIGS)}.")
-  flags.DEFINE_float("alpha", d.alpha, "Feedback strength alpha >= 0 (eq. 61); 0 is plain MLE.")
-  flags.DEFINE_string("feedback", d.feedback, "How alpha enters training: zero = "
-                      "(alpha/2)(H - 0)^2; ema = (alpha/2)(H - sg(EMA(H)))^2; data = "
-                      "(alpha/2)(H - H_data)^2; psu_only = no loss term (alpha only in the "
-                      f"PSU's confidence). Accepted: {', '.join(FEEDBACK_FORMS)}.")
-  flags.DEFINE_float("feedback_target", d.feedback_target, "H_data of --feedback=data, nats "
-                     "per predicted token (default: the language's exact conditional entropy "
-                     "on synthetic data; required on text, e.g. the alpha=0 run's val_entropy).")
-  flags.DEFINE_float("feedback_ema_decay", d.feedback_ema_decay,
-                     "EMA decay of --feedback=ema, in [0, 1).")
-  flags.DEFINE_integer("seed", d.seed, "Seed of parameters, masks, PSU and data order.")
-  flags.DEFINE_string("data", "synthetic", "synthetic | text:PATH_OR_GLOB | tfds:NAME[/CONFIG].")
-  flags.DEFINE_integer("vocab_size", 2048, "SentencePiece vocabulary size (text/tfds data).")
-  flags.DEFINE_string("cache_dir", None, "Dataset/tokenizer cache (default ~/.cache/stabjax).")
-  flags.DEFINE_integer("steps", d.steps, "Training steps.")
-  flags.DEFINE_integer("batch_size", d.batch_size, "Global batch size (sequences).")
-  flags.DEFINE_integer("seq_len", d.seq_len, "Sequence length (tokens).")
-  flags.DEFINE_float("lr", d.lr, "Peak learning rate (AdamW, warmup then cosine decay).")
-  flags.DEFINE_integer("warmup_steps", d.warmup_steps, "Linear warmup steps.")
-  flags.DEFINE_float("min_lr_ratio", d.min_lr_ratio, "Final learning rate as a fraction of --lr.")
-  flags.DEFINE_float("weight_decay", d.weight_decay, "AdamW weight decay.")
-  flags.DEFINE_float("clip_norm", d.clip_norm, "Global gradient-norm clip.")
-  flags.DEFINE_string("optimizer", d.optimizer, f"Base optimizer: {', '.join(OPTIMIZERS)} "
-                      "(sgd: plain SGD with L2 weight decay, the setting of Lemma 4.1).")
-  flags.DEFINE_bool("dmu", True, "Use the Dynamic MLP Unit in every block.")
-  flags.DEFINE_float("c_tilde", dmu.c_tilde, "DMU retention c~ in (0, 1].")
-  flags.DEFINE_string("dmu_mode", dmu.mode, f"DMU mode: {', '.join(DMU_MODES)}.")
-  flags.DEFINE_bool("dmu_rescale", dmu.rescale, "Inverted DMU scaling (1/c~ in training).")
-  flags.DEFINE_bool("dtu", True, "Use the Dynamic Transformer Unit in every block.")
-  flags.DEFINE_integer("dtu_keep", dtu.keep, "DTU keys sampled per query (a3) >= 1.")
-  flags.DEFINE_string("dtu_scores", dtu.scores, f"DTU compatibility scores: {', '.join(DTU_SCORES)}.")
-  flags.DEFINE_bool("psu", True, "Use the PSU decision layer after AdamW.")
-  flags.DEFINE_string("psu_value", "exact", f"PSU batch value: {', '.join(PSU_VALUES)}.")
-  p = PSUConfig()
-  flags.DEFINE_float("psu_grad_max_decay", p.grad_max_decay,
-                     "Per-step decay of the running max of the grad norm that normalises the "
-                     "PSU's learning accuracy a~ (eq. 62); 1 = a plain running max.")
-  flags.DEFINE_string("psu_c_tilde_from", p.c_tilde_from,
-                      "Whose learning complexity c~ (eq. 63) sets the PSU's eta_mod: run (this "
-                      "model's units) or full (the same model with DMU and DTU on).")
-  flags.DEFINE_string("mesh", d.mesh, "Device mesh, e.g. data=1,fsdp=-1,tensor=1.")
-  flags.DEFINE_string("dtype", "float32", f"Compute dtype: {', '.join(DTYPES)} (params stay float32).")
-  flags.DEFINE_bool("remat", False, "Rematerialise blocks in the backward pass (large models).")
-  flags.DEFINE_bool("scan_layers", False, "Stack blocks with nn.scan (large models).")
-  flags.DEFINE_integer("eval_every", d.eval_every, "Evaluate every N steps.")
-  flags.DEFINE_integer("eval_batches", d.eval_batches, "Validation batches per evaluation.")
-  flags.DEFINE_integer("checkpoint_every", d.checkpoint_every, "Checkpoint every N steps.")
-  flags.DEFINE_integer("keep_checkpoints", d.keep_checkpoints, "Checkpoints kept.")
-  flags.DEFINE_integer("log_every", d.log_every, "Log metrics every N steps.")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods).")
-  flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
-  g = GenerationEvalConfig()
-  flags.DEFINE_integer("num_samples", g.num_samples, "Generations measured at the end of a run.")
-  flags.DEFINE_integer("prompt_len", g.prompt_len, "Validation tokens used as each prompt.")
-  flags.DEFINE_integer("max_new_tokens", g.max_new_tokens, "Tokens per generation (0: seq_len - prompt_len).")
-  flags.DEFINE_list("decoders", list(g.decoders), "Decoders every run is measured under, from "
-                    "the same prompts: sample, greedy, top_k, nucleus.")
-  flags.DEFINE_float("temperature", g.temperature, "Temperature of sample, top_k and nucleus (> 0).")
-  flags.DEFINE_integer("top_k", g.top_k, "k of the top_k decoder (>= 1).")
-  flags.DEFINE_float("top_p", g.top_p, "p of the nucleus decoder, in (0, 1].")
-  flags.DEFINE_integer("hf_top_k", g.hf_top_k, "K of the high-frequency word proportion.")
-  flags.DEFINE_integer("eval_gen_prompts", g.eval_gen_prompts, "Prompts of the small generation "
-                       "batch measured at every evaluation (sampling; 0: none).")
-  flags.DEFINE_integer("eval_gen_tokens", g.eval_gen_tokens,
-                       "Tokens per generation of that batch.")
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One flag of the run config: the field at `path` (dotted, e.g. 'model.dmu.c_tilde')."""
+
+  path: str
+  flag: str
+  kind: type  # bool, int, float or str (of the elements, for a list)
+  default: Any
+  help: str
+  choices: tuple[str, ...] = ()
+  optional: bool = False  # X | None
+  is_list: bool = False  # tuple[X, ...]
+
+
+def field_docs(cls) -> dict[str, str]:
+  """{field: text} from the `Attributes:` section of `cls`'s docstring (`name: text`,
+  continued on more-indented lines; `a, b: text` documents both)."""
+  out: dict[str, str] = {}
+  names: list[str] = []
+  indent = None
+  in_section = False
+  for line in (inspect.getdoc(cls) or "").splitlines():
+    if line.strip() == "Attributes:":
+      in_section = True
+      continue
+    if not in_section or not line.strip():
+      continue
+    depth = len(line) - len(line.lstrip())
+    indent = depth if indent is None else indent
+    if depth < indent:
+      break
+    m = re.fullmatch(r"\s*([\w, ]+):\s*(.*)", line) if depth == indent else None
+    if depth == indent and m is None:
+      break
+    if m is not None:
+      names = [n.strip() for n in m.group(1).split(",")]
+      out.update({n: m.group(2) for n in names})
+    else:
+      out.update({n: f"{out[n]} {line.strip()}" for n in names})
+  return out
+
+
+def flag_name(path: str) -> str:
+  if path in RENAMED:
+    return RENAMED[path]
+  section, _, name = path.rpartition(".")
+  if not section or section in FLAT_SECTIONS:
+    return name
+  prefix = section.rpartition(".")[2]
+  return prefix if name == "enabled" else f"{prefix}_{name}"
+
+
+def _field_type(t, where: str) -> tuple[type, tuple, bool, bool]:
+  """(kind, choices, optional, is_list) of a field's type hint."""
+  origin, args = typing.get_origin(t), typing.get_args(t)
+  optional = origin in (typing.Union, types.UnionType) and type(None) in args
+  if optional:
+    rest = [a for a in args if a is not type(None)]
+    t = rest[0] if len(rest) == 1 else t
+    origin, args = typing.get_origin(t), typing.get_args(t)
+  is_list = origin is tuple and len(args) == 2 and args[1] is Ellipsis
+  if is_list:
+    t = args[0]
+    origin, args = typing.get_origin(t), typing.get_args(t)
+  choices = ()
+  if origin is Literal:
+    choices, t = args, type(args[0])
+  if t not in (bool, int, float, str) or (optional and is_list) or (
+      choices and not all(isinstance(c, str) for c in choices)):
+    raise TypeError(f"{where}: type {t!r} has no flag; use bool, int, float, str, a Literal "
+                    f"of strings, X | None or tuple[X, ...], or add it to FROM_MODEL/FROM_FLAG")
+  return t, tuple(choices), optional, is_list
+
+
+def _walk(cls, path: str = ""):
+  """(dotted path, field, type hint, section class or None) of every field, recursively."""
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    p = f"{path}.{f.name}" if path else f.name
+    t = hints[f.name]
+    yield p, f, t, (t if dataclasses.is_dataclass(t) else None)
+
+
+def run_settings(cls=None, path: str = "") -> list[Setting]:
+  """Every flag of the run config, generated from the dataclasses (see the module doc)."""
+  if cls is None:
+    from stabjax.train import RunConfig
+    cls = RunConfig
+  docs, out = field_docs(cls), []
+  for p, f, t, section in _walk(cls, path):
+    if section is not None:
+      out += run_settings(section, p)
+      continue
+    if p in NOT_FLAGS:
+      continue
+    if f.default is not dataclasses.MISSING:
+      default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+      default = f.default_factory()
+    else:
+      raise TypeError(f"{cls.__name__}.{f.name} has no default, so it cannot be a flag; give "
+                      f"it one or add it to FROM_MODEL/FROM_FLAG")
+    kind, choices, optional, is_list = _field_type(t, f"{cls.__name__}.{f.name}")
+    out.append(Setting(p, flag_name(p), kind, default, docs.get(f.name, ""), choices,
+                       optional, is_list))
+  if not path:
+    seen: dict[str, str] = {}
+    for s in out:
+      if s.flag in seen:
+        raise ValueError(f"--{s.flag} would be both {seen[s.flag]} and {s.path}; give one "
+                         f"a name in RENAMED")
+      seen[s.flag] = s.path
+  return out
+
+
+class _OptionalParser(flags.ArgumentParser):
+  """X | None: 'none' or an empty value is None (a string only when empty), else X."""
+
+  def __init__(self, inner: flags.ArgumentParser, kind: type):
+    self._inner, self._kind = inner, kind
+
+  def parse(self, argument):
+    if argument is None:
+      return None
+    if isinstance(argument, str) and (argument.strip() == "" or (
+        self._kind is not str and argument.strip().lower() == "none")):
+      return None
+    return self._inner.parse(argument)
+
+  def flag_type(self) -> str:
+    return f"{self._inner.flag_type()} or none"
+
+
+def _define(s: Setting, fv) -> None:
+  text = s.help or s.path
+  if s.choices:
+    text += f" Accepted: {', '.join(s.choices)}."
+  if s.optional:
+    text += " Empty" + ("" if s.kind is str else " or 'none'") + ": None."
+  kw = dict(flag_values=fv)
+  if s.is_list:
+    flags.DEFINE_list(s.flag, [str(v) for v in s.default], text, **kw)
+  elif s.optional:
+    parser = {int: flags.IntegerParser, float: flags.FloatParser, bool: flags.BooleanParser,
+              str: flags.ArgumentParser}[s.kind]()
+    flags.DEFINE(_OptionalParser(parser, s.kind), s.flag, s.default, text, **kw)
+  else:
+    define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+              str: flags.DEFINE_string}[s.kind]
+    define(s.flag, s.default, text, **kw)
+
+
+def define_run_flags(flag_values=FLAGS) -> None:
+  """One flag per setting of the run config, plus the launcher flags that are not config."""
+  flags.DEFINE_string("model", "gpt2_tiny", f"Model size (its shape): "
+                      f"{', '.join(MODEL_CONFIGS)}.", flag_values=flag_values)
+  for s in run_settings():
+    _define(s, flag_values)
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU "
+                    "pods).", flag_values=flag_values)
+  flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.", flag_values=flag_values)
+  flags.DEFINE_string("wandb_project", None, "Also log metrics and samples to this Weights & "
+                      "Biases project (process 0 only; needs pip install -e '.[wandb]'). "
+                      "Unset: wandb is never imported.", flag_values=flag_values)
+  flags.DEFINE_string("wandb_entity", None, "W&B entity (user or team) of --wandb_project.",
+                      flag_values=flag_values)
 
 
 def fail(message: str, code: int = 2):
@@ -109,55 +241,54 @@ def _choice(name: str, value: str, accepted) -> str:
   return value
 
 
-def build_config(F, **overrides):
+def _flag_of(path: str) -> str | None:
+  if path in FROM_FLAG:
+    return f"--{FROM_FLAG[path]}"
+  return None if path in NOT_FLAGS else f"--{flag_name(path)}"
+
+
+def _name_flags(message: str, cls, path: str) -> str:
+  """A section's ValueError with its field names spelled as their flags (a name with an
+  underscore anywhere, a plain word only where it starts the message)."""
+  for f in dataclasses.fields(cls):
+    flag = _flag_of(f"{path}.{f.name}" if path else f.name)
+    if flag is None:
+      continue
+    pattern = (rf"(?<![\w-])(?:--)?{f.name}\b" if "_" in f.name else rf"^(?:--)?{f.name}\b")
+    message = re.sub(pattern, flag, message)
+  return message
+
+
+def _build(cls, path: str, F):
+  kw = {}
+  for p, f, _, section in _walk(cls, path):
+    if section is not None:
+      kw[f.name] = _build(section, p, F)
+    elif p in FROM_FLAG:
+      kw[f.name] = F[FROM_FLAG[p]].value
+    elif p not in NOT_FLAGS:
+      value = F[flag_name(p)].value
+      kw[f.name] = tuple(value) if isinstance(value, list) else value
+  try:
+    if cls is configs.ModelConfig:  # the named size's shape with the flags' settings
+      return configs.get_model_config(F.model, **kw)
+    return cls(**kw)
+  except ValueError as e:
+    fail(_name_flags(str(e), cls, path))
+
+
+def build_config(F):
   """Flags -> RunConfig; any invalid value ends the program with one line."""
-  from stabjax.data import DataConfig
   from stabjax.train import RunConfig
 
   _choice("model", F.model, MODEL_CONFIGS)
-  _choice("dmu_mode", F.dmu_mode, DMU_MODES)
-  _choice("dtu_scores", F.dtu_scores, DTU_SCORES)
-  _choice("feedback", F.feedback, FEEDBACK_FORMS)
-  _choice("psu_value", F.psu_value, PSU_VALUES)
-  _choice("optimizer", F.optimizer, OPTIMIZERS)
-  _choice("psu_c_tilde_from", F.psu_c_tilde_from, C_TILDE_FROM)
-  _choice("dtype", F.dtype, DTYPES)
-  if not 0.0 < F.c_tilde <= 1.0:
-    fail(f"--c_tilde={F.c_tilde} is not accepted; accepted: a number in (0, 1]")
-  if F.dtu_keep < 1:
-    fail(f"--dtu_keep={F.dtu_keep} is not accepted; accepted: an integer >= 1")
-  try:
-    model = configs.get_model_config(
-        F.model, dtype=F.dtype, remat=F.remat, scan_layers=F.scan_layers,
-        dmu=configs.DMUConfig(enabled=F.dmu, c_tilde=F.c_tilde, mode=F.dmu_mode,
-                              rescale=F.dmu_rescale),
-        dtu=configs.DTUConfig(enabled=F.dtu, keep=F.dtu_keep, scores=F.dtu_scores))
-    if F.seq_len > model.max_len:
-      fail(f"--seq_len={F.seq_len} exceeds {F.model}'s {model.max_len} positions; accepted: "
-           f"2..{model.max_len}")
-    train = configs.TrainConfig(
-        steps=F.steps, batch_size=F.batch_size, seq_len=F.seq_len, lr=F.lr,
-        warmup_steps=F.warmup_steps, min_lr_ratio=F.min_lr_ratio, weight_decay=F.weight_decay,
-        clip_norm=F.clip_norm, optimizer=F.optimizer, alpha=F.alpha, feedback=F.feedback,
-        feedback_target=F.feedback_target, feedback_ema_decay=F.feedback_ema_decay,
-        seed=F.seed, mesh=F.mesh, eval_every=F.eval_every,
-        eval_batches=F.eval_batches, checkpoint_every=F.checkpoint_every,
-        keep_checkpoints=F.keep_checkpoints, log_every=F.log_every)
-    data_kw = dict(spec=F.data, seq_len=F.seq_len, vocab_size=F.vocab_size)
-    if F.cache_dir:
-      data_kw["cache_dir"] = F.cache_dir
-    data = DataConfig(**data_kw)
-    generation = GenerationEvalConfig(
-        num_samples=F.num_samples, prompt_len=F.prompt_len, max_new_tokens=F.max_new_tokens,
-        decoders=tuple(F.decoders), temperature=F.temperature, top_k=F.top_k, top_p=F.top_p,
-        hf_top_k=F.hf_top_k, eval_gen_prompts=F.eval_gen_prompts,
-        eval_gen_tokens=F.eval_gen_tokens, seed=F.seed)
-    psu = PSUConfig(enabled=F.psu, value=F.psu_value, grad_max_decay=F.psu_grad_max_decay,
-                    c_tilde_from=F.psu_c_tilde_from)
-    cfg = RunConfig(model=model, train=train, psu=psu,
-                    data=data, generation=generation)
-  except ValueError as e:
-    fail(str(e))
+  for s in run_settings():
+    if s.choices and not s.is_list:
+      _choice(s.flag, F[s.flag].value, s.choices)
+  cfg = _build(RunConfig, "", F)
+  if cfg.train.seq_len > cfg.model.max_len:
+    fail(f"--seq_len={cfg.train.seq_len} exceeds {F.model}'s {cfg.model.max_len} positions; "
+         f"accepted: 2..{cfg.model.max_len}")
   return cfg
 
 
@@ -180,6 +311,7 @@ def prepare_run(F):
   if not F["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save at INFO
   cfg = build_config(F)
+  make_logger(F)  # a missing wandb fails here, before the data is built
   if F.distributed:
     import jax
     jax.distributed.initialize()
@@ -198,11 +330,23 @@ def prepare_run(F):
   return cfg, dataset
 
 
+def make_logger(F):
+  """The --wandb_project logger, or None (then wandb is never imported)."""
+  if not F.wandb_project:
+    return None
+  from stabjax.logging_wandb import WandbError, WandbLogger
+  try:
+    return WandbLogger(F.wandb_project, F.wandb_entity)
+  except WandbError as e:
+    fail(str(e))
+
+
 def run_and_report(cfg, dataset, workdir: str) -> dict:
   from stabjax.checkpoint import CheckpointError
   from stabjax.run import NonFiniteLossError, WorkdirError, train_and_evaluate
   try:
-    summary = train_and_evaluate(cfg, workdir, dataset, show_progress=FLAGS.progress)
+    summary = train_and_evaluate(cfg, workdir, dataset, show_progress=FLAGS.progress,
+                                 logger=make_logger(FLAGS))
   except (NonFiniteLossError, WorkdirError, CheckpointError) as e:
     fail(str(e), code=1)
   workdir = os.path.abspath(workdir)
@@ -264,6 +408,7 @@ def base_config(F):
   if not F["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cfg = build_config(F)
+  make_logger(F)
   if F.distributed:
     import jax
     jax.distributed.initialize()
@@ -276,10 +421,15 @@ def sweep(runs, workdir: str, reuse_from=()) -> list[dict]:
   from stabjax import sweep as sweep_lib
   from stabjax.data import DataError
   from stabjax.checkpoint import CheckpointError
+  from stabjax import run as run_lib
   from stabjax.run import NonFiniteLossError, WorkdirError
+  logger = make_logger(FLAGS)
+  # Looked up now (not at import): tests stand in for train_and_evaluate.
+  train = (None if logger is None else
+           lambda *a, **kw: run_lib.train_and_evaluate(*a, logger=logger, **kw))
   try:
     summaries = sweep_lib.run_sweep(runs, workdir, show_progress=FLAGS.progress,
-                                    reuse_from=reuse_from)
+                                    reuse_from=reuse_from, train=train)
   except (DataError, NonFiniteLossError, ValueError, WorkdirError, CheckpointError) as e:
     fail(str(e), code=1)
   if len(summaries) < len(runs) or summaries[-1]["status"] != "finished":

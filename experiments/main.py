@@ -23,6 +23,7 @@ from experiments import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_run_flags()
+flags.adopt_module_key_flags(common)  # --helpshort lists the run flags
 flags.DEFINE_string("workdir", "runs/main", "Where config, metrics, checkpoints and summary go.")
 
 

@@ -49,6 +49,7 @@ FLAGS = flags.FLAGS
 common.define_run_flags()
 common.define_sweep_flags(models=["gpt2_tiny"], seeds=[2025, 2026, 2027],
                           alphas=["0", "0.05", "0.2"], workdir="runs/mechanism")
+flags.adopt_module_key_flags(common)  # --helpshort lists the run flags
 flags.DEFINE_list("forms", list(FEEDBACK_FORMS), f"Feedback forms: {', '.join(FEEDBACK_FORMS)}.")
 flags.DEFINE_list("datasets", ["synthetic", "text:../shared/corpora/tinyshakespeare.txt"],
                   "Corpora (--data values), each swept in full.")

@@ -28,6 +28,7 @@ FLAGS = flags.FLAGS
 common.define_run_flags()
 common.define_sweep_flags(models=["gpt2_nano", "gpt2_tiny", "gpt2_mini"], seeds=[2025],
                           alphas=["0", "0.05", "0.2"], workdir="runs/scale")
+flags.adopt_module_key_flags(common)  # --helpshort lists the run flags
 FLAGS.set_default("steps", 300)
 FLAGS.set_default("progress", False)
 # Every 10 steps: the in-training HF proportion has enough points for its plateau (and

@@ -29,6 +29,7 @@ FLAGS = flags.FLAGS
 common.define_run_flags()
 common.define_sweep_flags(models=["gpt2_tiny", "bert_tiny"], seeds=[2025, 2026, 2027],
                           alphas=["0", "0.05", "0.2"], workdir="runs/table1")
+flags.adopt_module_key_flags(common)  # --helpshort lists the run flags
 # Measured: the 18 default runs took 41 min on 2 CPU cores shared with other jobs
 # (REPRODUCTION.md); the sweep must fit in an hour on such a machine.
 FLAGS.set_default("steps", 200)

@@ -33,6 +33,7 @@ FLAGS = flags.FLAGS
 common.define_run_flags()
 common.define_sweep_flags(models=["gpt2_tiny"], seeds=[2025], alphas=["0", "0.2"],
                           workdir="runs/trajectory")
+flags.adopt_module_key_flags(common)  # --helpshort lists the run flags
 # 'nll' by default: the objective 'loss' adds alpha times the feedback term, which would
 # shift each alpha's cloud along x and make the overlays incomparable.
 flags.DEFINE_string("loss_key", "nll", "Logged training loss on the x axis: 'nll' (the MLE "

@@ -3,59 +3,100 @@
 Configuration is data: the launchers in `experiments/` turn flags into these objects,
 the library never reads flags. `get_model_config(name, **overrides)` is the one way to
 get a named size.
+
+Every config dataclass of a run documents each field in its docstring's `Attributes:`
+section (`name: text`, continued on more-indented lines; `a, b: text` documents two).
+That text is the field's documentation and its flag's help (experiments/common.py makes
+one flag per field); a field whose type is a `Literal` accepts exactly those values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 DMUMode = Literal["dmu2_prob", "dmu2_fix", "dprob", "dfix"]
-DMU_MODES: tuple[str, ...] = ("dmu2_prob", "dmu2_fix", "dprob", "dfix")
-DTU_SCORES: tuple[str, ...] = ("key_norm", "uniform")
+DMU_MODES: tuple[str, ...] = typing.get_args(DMUMode)
+DTUScores = Literal["key_norm", "uniform"]
+DTU_SCORES: tuple[str, ...] = typing.get_args(DTUScores)
+DType = Literal["float32", "bfloat16"]
+DTYPES: tuple[str, ...] = typing.get_args(DType)
 
 
 @dataclasses.dataclass(frozen=True)
 class DMUConfig:
-  """Dynamic MLP Unit (SPEC section 3, paper appendix B.3)."""
+  """Dynamic MLP Unit (SPEC section 3, paper appendix B.3).
+
+  Attributes:
+    enabled: use the DMU as the MLP of every block.
+    c_tilde: DMU retention c~ in (0, 1].
+    mode: what is kept (SPEC 3): dmu2_prob / dmu2_fix (weight entries, i.i.d. or an exact
+      count), dprob / dfix (input and output nodes, i.i.d. or an exact count).
+    rescale: inverted scaling (1/c~ in training, identity at eval) instead of the paper's
+      expectation c~(Wx + b) at eval.
+  """
 
   enabled: bool = True
-  c_tilde: float = 0.5  # retention in (0, 1]
-  mode: str = "dfix"  # one of DMU_MODES
-  rescale: bool = False  # True: inverted scaling (1/c~ in training, identity at eval)
+  c_tilde: float = 0.5
+  mode: DMUMode = "dfix"
+  rescale: bool = False
 
   def __post_init__(self):
     if not 0.0 < self.c_tilde <= 1.0:
       raise ValueError(f"c_tilde must be in (0, 1], got {self.c_tilde}")
     if self.mode not in DMU_MODES:
-      raise ValueError(f"dmu mode must be one of {', '.join(DMU_MODES)}, got {self.mode!r}")
+      raise ValueError(f"mode must be one of {', '.join(DMU_MODES)}, got {self.mode!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class DTUConfig:
-  """Dynamic Transformer Unit (SPEC section 4, paper appendix B.4)."""
+  """Dynamic Transformer Unit (SPEC section 4, paper appendix B.4).
+
+  Attributes:
+    enabled: use the DTU as the self-attention of every block.
+    keep: a3, the keys sampled per query (>= 1).
+    scores: the compatibility scores c~_j keys are sampled by: key_norm (the L2 norm of
+      the key, no gradient) or uniform.
+    block_q: queries per block of the gathered computation (bounds its memory).
+  """
 
   enabled: bool = True
-  keep: int = 32  # a3: keys sampled per query
-  scores: str = "key_norm"  # one of DTU_SCORES
-  block_q: int = 256  # queries per block in the gathered computation (memory bound)
+  keep: int = 32
+  scores: DTUScores = "key_norm"
+  block_q: int = 256
 
   def __post_init__(self):
     if self.keep < 1:
-      raise ValueError(f"dtu keep must be >= 1, got {self.keep}")
+      raise ValueError(f"keep must be >= 1, got {self.keep}")
     if self.scores not in DTU_SCORES:
-      raise ValueError(f"dtu scores must be one of {', '.join(DTU_SCORES)}, got {self.scores!r}")
+      raise ValueError(f"scores must be one of {', '.join(DTU_SCORES)}, got {self.scores!r}")
+    if self.block_q < 1:
+      raise ValueError(f"block_q must be >= 1, got {self.block_q}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shape and numerics of a GPT-2 or BERT model.
 
-  `dtype` is the compute dtype; parameters are always stored in float32.
+  Attributes:
+    name: the named size (a key of MODEL_CONFIGS).
+    arch: 'gpt2' or 'bert'.
+    vocab_size: vocabulary (a run replaces it by its tokenizer's).
+    max_len: positions.
+    num_layers, num_heads, d_model, d_ff: blocks, attention heads, width, MLP width.
+    layer_norm_eps: LayerNorm epsilon.
+    type_vocab_size: BERT's token-type vocabulary.
+    dropout_rate: dropout after attention and MLP (0: none).
+    dtype: compute dtype (parameters are always stored in float32).
+    scan_layers: stack the blocks with nn.scan (compile time flat in depth; large models).
+    remat: rematerialise each block in the backward pass (large models).
+    dmu: the Dynamic MLP Unit of every block.
+    dtu: the Dynamic Transformer Unit of every block.
   """
 
   name: str
-  arch: str  # "gpt2" or "bert"
+  arch: str
   vocab_size: int
   max_len: int
   num_layers: int
@@ -63,13 +104,19 @@ class ModelConfig:
   d_model: int
   d_ff: int
   layer_norm_eps: float = 1e-5
-  type_vocab_size: int = 2  # BERT only
+  type_vocab_size: int = 2
   dropout_rate: float = 0.0
-  dtype: str = "float32"
-  scan_layers: bool = False  # stack blocks with nn.scan (compile time flat in depth)
-  remat: bool = False  # rematerialise each block in the backward pass
+  dtype: DType = "float32"
+  scan_layers: bool = False
+  remat: bool = False
   dmu: DMUConfig = DMUConfig(enabled=False)
   dtu: DTUConfig = DTUConfig(enabled=False)
+
+  def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
 
   @property
   def head_dim(self) -> int:
@@ -138,30 +185,63 @@ def get_model_config(name: str, **overrides) -> ModelConfig:
 #   data      (alpha/2) (H - H_data)^2: a setpoint at the data's own entropy
 #   psu_only  no loss term; alpha only sets the PSU's confidence C_t = exp(-alpha H)
 # Every form also gives the PSU its alpha.
-FEEDBACK_FORMS: tuple[str, ...] = ("zero", "ema", "data", "psu_only")
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+FeedbackForm = Literal["zero", "ema", "data", "psu_only"]
+FEEDBACK_FORMS: tuple[str, ...] = typing.get_args(FeedbackForm)
+Optimizer = Literal["adamw", "sgd"]
+OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimisation, feedback loop (SPEC 5) and bookkeeping of one run."""
+  """Optimisation, feedback loop (SPEC 5) and bookkeeping of one run.
+
+  Attributes:
+    steps: training steps.
+    batch_size: global batch size (sequences).
+    seq_len: sequence length (tokens).
+    lr: peak learning rate (linear warmup, then cosine decay).
+    warmup_steps: linear warmup steps.
+    min_lr_ratio: the cosine decays to lr * min_lr_ratio.
+    weight_decay: weight decay of the base optimizer.
+    clip_norm: global gradient-norm clip.
+    optimizer: the base optimizer: adamw, or sgd (plain SGD with L2 weight decay, the
+      setting of Lemma 4.1).
+    b1, b2: AdamW's moment decays.
+    alpha: feedback strength alpha >= 0 (eq. 61); 0 is plain MLE. Also the PSU's
+      confidence factor C_t = exp(-alpha H).
+    feedback: how alpha enters training: zero = (alpha/2)(H - 0)^2; ema = (alpha/2)(H -
+      sg(EMA(H)))^2; data = (alpha/2)(H - H_data)^2; psu_only = no loss term (alpha only
+      in the PSU's confidence).
+    feedback_target: H_data of feedback=data, nats per predicted token (None: the
+      language's exact conditional entropy on synthetic data; required on text, e.g.
+      the alpha=0 run's val_entropy).
+    feedback_ema_decay: EMA decay of feedback=ema, in [0, 1) (0.9: about 10 steps).
+    mlm_prob: BERT's masking rate (80/10/10).
+    seed: seed of parameters, masks, PSU, data order and generation.
+    mesh: device mesh, e.g. data=1,fsdp=-1,tensor=1 (-1: the remaining devices).
+    eval_every: evaluate every N steps.
+    eval_batches: validation batches per evaluation.
+    checkpoint_every: checkpoint every N steps.
+    keep_checkpoints: checkpoints kept.
+    log_every: log metrics every N steps.
+  """
 
   steps: int = 300
-  batch_size: int = 16  # global batch
+  batch_size: int = 16
   seq_len: int = 64
   lr: float = 3e-3
   warmup_steps: int = 20
-  min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+  min_lr_ratio: float = 0.1
   weight_decay: float = 0.01
   clip_norm: float = 1.0
-  optimizer: str = "adamw"  # one of OPTIMIZERS; sgd: plain SGD + L2 decay (Lemma 4.1)
+  optimizer: Optimizer = "adamw"
   b1: float = 0.9
   b2: float = 0.95
-  alpha: float = 0.0  # feedback strength (eq. 61); also the PSU confidence factor
-  feedback: str = "zero"  # one of FEEDBACK_FORMS
-  feedback_target: float | None = None  # H_data of the 'data' form (None: from the data)
-  feedback_ema_decay: float = 0.9  # EMA decay of the 'ema' form (about 10 steps)
-  mlm_prob: float = 0.15  # BERT masking rate (80/10/10)
+  alpha: float = 0.0
+  feedback: FeedbackForm = "zero"
+  feedback_target: float | None = None
+  feedback_ema_decay: float = 0.9
+  mlm_prob: float = 0.15
   seed: int = 0
   mesh: str = "data=1,fsdp=-1,tensor=1"
   eval_every: int = 100

@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Mapping, Sequence
+import typing
+from typing import Any, Literal, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,24 +29,40 @@ from stabjax import metrics, sampling
 
 # sample: ancestral sampling at `temperature`; greedy: argmax; top_k / nucleus: sampling
 # at `temperature` from the `top_k` most likely tokens / the smallest set of mass `top_p`.
-DECODERS = ("sample", "greedy", "top_k", "nucleus")
+Decoder = Literal["sample", "greedy", "top_k", "nucleus"]
+DECODERS: tuple[str, ...] = typing.get_args(Decoder)
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationEvalConfig:
-  """The end-of-run generation: the same prompts under each of `decoders`."""
+  """The end-of-run generation: the same prompts under each of `decoders`.
 
-  num_samples: int = 64  # prompts (generations per decoder) per run
-  prompt_len: int = 4  # tokens of each validation row used as the prompt
-  max_new_tokens: int = 0  # 0: seq_len - prompt_len
-  decoders: tuple[str, ...] = DECODERS
-  temperature: float = 1.0  # of sample, top_k and nucleus (greedy has none)
-  top_k: int = 40  # k of the top_k decoder
-  top_p: float = 0.9  # p of the nucleus decoder
-  hf_top_k: int = 20  # K of the high-frequency word proportion
-  batch_size: int = 64  # generations per sampler call
-  # The small batch measured at every evaluation step of training (`measure_quick`).
-  eval_gen_prompts: int = 16  # 0: none
+  Attributes:
+    num_samples: prompts (generations per decoder) measured at the end of a run.
+    prompt_len: tokens of each validation row used as the prompt.
+    max_new_tokens: tokens per generation (0: seq_len - prompt_len).
+    decoders: the decoders every run is measured under, from the same prompts (distinct).
+    temperature: temperature of sample, top_k and nucleus (> 0; greedy has none).
+    top_k: k of the top_k decoder (>= 1).
+    top_p: p of the nucleus decoder, in (0, 1].
+    hf_top_k: K of the high-frequency word proportion.
+    batch_size: generations per sampler call.
+    eval_gen_prompts: prompts of the small generation batch measured at every evaluation
+      step of training (`measure_quick`, sampling; 0: none).
+    eval_gen_tokens: tokens per generation of that batch.
+    seed: seed of the prompts and the sampling.
+  """
+
+  num_samples: int = 64
+  prompt_len: int = 4
+  max_new_tokens: int = 0
+  decoders: tuple[Decoder, ...] = DECODERS
+  temperature: float = 1.0
+  top_k: int = 40
+  top_p: float = 0.9
+  hf_top_k: int = 20
+  batch_size: int = 64
+  eval_gen_prompts: int = 16
   eval_gen_tokens: int = 32
   seed: int = 0
 

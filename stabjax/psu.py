@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+import typing
+from typing import Any, Literal, NamedTuple
 
 import chex
 import jax
@@ -68,9 +69,12 @@ FEATURE_NAMES: tuple[str, ...] = (
     "loss", "loss_minus_ema", "log_grad_norm", "a_tilde", "c_tilde", "rarity", "entropy",
     "mean_log_fisher")
 NUM_FEATURES = len(FEATURE_NAMES)
-VALUE_MODES = ("exact", "linear")
-BASELINES = ("moving_average", "features")
-C_TILDE_FROM = ("run", "full")
+ValueMode = Literal["exact", "linear"]
+VALUE_MODES: tuple[str, ...] = typing.get_args(ValueMode)
+Baseline = Literal["moving_average", "features"]
+BASELINES: tuple[str, ...] = typing.get_args(Baseline)
+CTildeFrom = Literal["run", "full"]
+C_TILDE_FROM: tuple[str, ...] = typing.get_args(CTildeFrom)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,20 +142,20 @@ class PSUConfig:
   policy_steps: int = 4
   policy_lr: float = 3e-3
   penalty: float = 1e-3
-  baseline: str = "moving_average"
+  baseline: Baseline = "moving_average"
   baseline_decay: float = 0.9
   normalize_advantage: bool = True
   advantage_clip: float = 5.0
   ratio_clip: float = 0.2
   max_policy_age: int = 0
-  value: str = "exact"
+  value: ValueMode = "exact"
   learn: bool = True
   stochastic: bool = True
   feature_decay: float = 0.99
   loss_ema_decay: float = 0.95
   grad_max_decay: float = 0.95
   feature_clip: float = 5.0
-  c_tilde_from: str = "run"
+  c_tilde_from: CTildeFrom = "run"
 
   def __post_init__(self):
     if not 0.0 < self.gamma_min <= 1.0 <= self.gamma_max:

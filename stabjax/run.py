@@ -244,15 +244,16 @@ def _close_quietly(ckpt: Checkpointer, writer: "MetricWriter | None") -> None:
         pass
 
 
-def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: bool = True
-                       ) -> dict[str, Any]:
+def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: bool = True,
+                       logger=None) -> dict[str, Any]:
   """Train (or resume) in `workdir`; returns the summary also written to summary.json.
 
   Guards (each a one-line error, nothing of the earlier run changed): `WorkdirError` when
   the workdir holds a run with other training settings (`config_changes`) or another live
   run holds its lock, or a file cannot be written; `CheckpointError` when no checkpoint
   restores or one cannot be written. A corrupt newest checkpoint is moved aside with a
-  warning and the run resumes from the one before.
+  warning and the run resumes from the one before. `logger` (e.g.
+  `logging_wandb.WandbLogger`) also gets the metrics and samples.
   """
   cfg = resolve_feedback_target(cfg, dataset)
   config = json.loads(json.dumps(config_to_dict(cfg)))
@@ -275,10 +276,11 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
     if allowed:  # evaluation / logging settings changed on resume: keep a record
       _append_line(os.path.join(workdir, "resumes.jsonl"), json.dumps(
           {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": allowed}))
-    return _train(cfg, workdir, dataset, show_progress)
+    return _train(cfg, workdir, dataset, show_progress, logger)
 
 
-def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool) -> dict[str, Any]:
+def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool, logger=None
+           ) -> dict[str, Any]:
   t = cfg.train
   trainer = Trainer.create(cfg, special_ids(dataset.tokenizer))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
@@ -293,6 +295,8 @@ def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool) -> dict[s
     train_it = make_iterator(dataset, "train", t.batch_size, t.seed, state=data_state,
                              **iterator_kw)
     writer = MetricWriter(workdir, resume_step=start)
+    if logger is not None:
+      writer = logger.attach(writer, workdir, config_to_dict(cfg))
     step, status, state = _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start,
                                 show_progress)
   except BaseException:
@@ -303,6 +307,7 @@ def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool) -> dict[s
 
   summary = {"status": status, "step": step, "workdir": os.path.abspath(workdir),
              "history": read_jsonl(writer.path)}
+  texts = None
   if status == "finished":
     summary.update(final_summary(summary["history"]))
     gen_metrics, texts = degeneration.measure(trainer.model, state.params, dataset,
@@ -310,6 +315,8 @@ def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool) -> dict[s
     summary["generation"] = gen_metrics
     _write_file(os.path.join(workdir, "samples.txt"), degeneration.format_samples(texts))
     _write_file(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+  if logger is not None:
+    logger.finish(summary, texts)
   return summary
 
 

@@ -38,7 +38,15 @@ STEP_COLLECTIONS = ("dmu_masks", "dtu_scores")
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-  """Everything that defines a run; written to the workdir as config.json."""
+  """Everything that defines a run; written to the workdir as config.json.
+
+  Attributes:
+    model: shape and numerics, with the DMU and DTU settings.
+    train: optimisation, feedback loop and bookkeeping.
+    psu: the PSU decision layer.
+    data: the data and its tokenizer.
+    generation: the generation measured during and at the end of the run.
+  """
 
   model: ModelConfig
   train: TrainConfig = TrainConfig()

@@ -184,9 +184,77 @@ def test_vocabulary_is_checked_before_the_dataset_is_built(tmp_path, monkeypatch
 
 def test_one_document_cannot_be_split(tmp_path):
   (tmp_path / "one.txt").write_text("just one paragraph\nwith two lines\n", encoding="utf-8")
-  with pytest.raises(DataError, match="at least 2 are needed"):
-    load_dataset(DataConfig(spec=f"text:{tmp_path}/one.txt", cache_dir=str(tmp_path / "c")))
+  with pytest.raises(DataError, match="at least 2 are needed.*--text_split"):
+    load_dataset(DataConfig(spec=f"text:{tmp_path}/one.txt", cache_dir=str(tmp_path / "c"),
+                            text_split="blank_line"))
   assert not (tmp_path / "c").exists()
+
+
+def news_lines(n=120, seed=1) -> list[str]:
+  """One article per line, no blank line: the shape of a news crawl."""
+  rng = np.random.default_rng(seed)
+  return [" ".join(rng.choice(WORDS, size=rng.integers(8, 20))).capitalize() + "."
+          for _ in range(n)]
+
+
+def test_one_document_per_line_file_splits_into_train_and_validation(tmp_path):
+  lines = news_lines()
+  (tmp_path / "news.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  ds = load_dataset(DataConfig(spec=f"text:{tmp_path}/news.txt", seq_len=32, vocab_size=VOCAB,
+                               cache_dir=str(tmp_path / "cache")))  # text_split=auto
+  train, val = train_documents(ds), ds.validation_texts()
+  assert train and val and sorted(train + val) == sorted(lines)
+  assert len(ds.train) > 1 and len(ds.validation) >= 1  # packed rows to train on
+  # 'blank_line' reads the same file as one document, which cannot be split.
+  with pytest.raises(DataError, match="1 distinct document"):
+    load_dataset(DataConfig(spec=f"text:{tmp_path}/news.txt", vocab_size=VOCAB,
+                            cache_dir=str(tmp_path / "cache"), text_split="blank_line"))
+
+
+@pytest.mark.parametrize("encoding", ["crlf", "bom", "bom+crlf"])
+def test_crlf_and_bom_never_reach_the_tokenizer_or_the_words(tmp_path, encoding):
+  docs = make_corpus(tmp_path / "corpus", n_files=1, docs_per_file=40)
+  raw = (tmp_path / "corpus" / "part0.txt").read_bytes()
+  if "crlf" in encoding:
+    raw = raw.replace(b"\n", b"\r\n")
+  if "bom" in encoding:
+    raw = "\ufeff".encode("utf-8") + raw
+  (tmp_path / "corpus" / "part0.txt").write_bytes(raw)
+  ds = load_dataset(DataConfig(spec=f"text:{tmp_path}/corpus/part0.txt", seq_len=32,
+                               vocab_size=VOCAB, cache_dir=str(tmp_path / "cache")))
+  train, val = train_documents(ds), ds.validation_texts()
+  assert sorted(train + val) == sorted(docs)  # the same documents as the LF file's
+  text = ds.tokenizer.decode(np.asarray(ds.train.tokens).ravel().tolist())
+  pieces = {ds.tokenizer.id_to_piece(i) for i in range(ds.tokenizer.vocab_size)}
+  for bad in ("\r", "\ufeff"):
+    assert bad not in text and not any(bad in p for p in pieces)
+  assert set(ds.train_word_counts()) <= set(WORDS)
+
+
+def test_text_split_modes_and_the_cache_key(tmp_path, monkeypatch):
+  paras = "First doc line one\nline two\n\nSecond doc\n"
+  assert text_builder.split_into_documents(paras, "auto") == ["First doc line one\nline two",
+                                                              "Second doc"]
+  assert text_builder.split_into_documents(paras, "line") == [
+      "First doc line one", "line two", "Second doc"]
+  # A trailing blank line is not a separator: 'auto' reads one document per line.
+  assert text_builder.split_into_documents("a b\nc d\n\n\n", "auto") == ["a b", "c d"]
+  with pytest.raises(DataError, match="accepted: auto, blank_line, line"):
+    DataConfig(text_split="lines")
+
+  make_corpus(tmp_path / "corpus")
+  cfg = DataConfig(spec=f"text:{tmp_path}/corpus/*.txt", seq_len=32, vocab_size=VOCAB,
+                   cache_dir=str(tmp_path / "cache"))
+  auto, line = load_dataset(cfg), load_dataset(cfg.replace(text_split="line"))
+  assert auto.cache_path != line.cache_path  # changing text_split rebuilds
+  assert len(line.validation_texts()) + len(train_documents(line)) > len(
+      auto.validation_texts()) + len(train_documents(auto))
+
+  def forbidden(*args, **kwargs):
+    raise AssertionError("rebuilt although cached")
+
+  monkeypatch.setattr(text_builder.StabjaxText, "_split_generators", forbidden)
+  assert load_dataset(cfg.replace(text_split="line")).cache_path == line.cache_path
 
 
 def test_documents_are_blank_line_blocks_and_hash_split_is_stable():

@@ -9,7 +9,7 @@
 
 Text data is cached under `cache_dir` (default ~/.cache/stabjax):
 
-    text-<hash of the files' contents and split settings>/    or tfds-<name>-<hash>/
+    text-<hash of the files' contents, text_split, validation_fraction>/  or tfds-<name>-<hash>/
       manifest.json
       tfds/stabjax_text/1.0.0/...          the array_record dataset (text: only)
       word_counts.json                     training words (SPEC 9), made on first use
@@ -232,21 +232,21 @@ def _load_text(config: DataConfig, spec: DataSpec) -> Dataset:
 
   files = text_builder.resolve_files(spec.path)
   key = _hash(text_builder.content_hash(files), config.validation_fraction,
-              text_builder.StabjaxText.VERSION, CACHE_FORMAT)
+              config.text_split, text_builder.StabjaxText.VERSION, CACHE_FORMAT)
   root = Path(config.cache_path) / f"text-{key[:16]}"
   documents: dict[str, list[str]] = {}
 
   if not root.is_dir():
     # Read and check everything before a byte is written.
-    train, val = text_builder.split_documents(text_builder.read_documents(files),
-                                              config.validation_fraction)
+    train, val = text_builder.split_documents(
+        text_builder.read_documents(files, config.text_split), config.validation_fraction)
     documents = {"train": train, "validation": val}
 
   def build(work: Path) -> None:
     builder = text_builder.StabjaxText(
         files=files, validation_fraction=config.validation_fraction,
-        documents=(documents["train"], documents["validation"]), data_dir=str(work / "tfds"),
-        file_format="array_record")
+        text_split=config.text_split, documents=(documents["train"], documents["validation"]),
+        data_dir=str(work / "tfds"), file_format="array_record")
     builder.download_and_prepare()
 
   def docs(folder: Path, split: str) -> Iterable[str]:
@@ -257,7 +257,8 @@ def _load_text(config: DataConfig, spec: DataSpec) -> Dataset:
     return _iter_feature(builder.as_data_source()[split], "text", None)
 
   manifest = {"spec": str(spec), "files": files, "validation_fraction":
-              config.validation_fraction, "format": CACHE_FORMAT}
+              config.validation_fraction, "text_split": config.text_split,
+              "format": CACHE_FORMAT}
   dataset = _load_cached(config, spec, root, _Source(docs=docs, build=build, manifest=manifest))
   documents.clear()  # from now on the documents are read from the cache folder
   return dataset
@@ -284,7 +285,7 @@ def _load_tfds(config: DataConfig, spec: DataSpec) -> Dataset:
     raise DataError(
         f"tfds:{spec.tfds_id} is not prepared in {builder.data_dir} and is never downloaded "
         f"here; prepare it on a machine with network (tfds build {spec.tfds_id} "
-        f"--file_format=array_record --data_dir=DIR) and pass tfds_data_dir=DIR")
+        f"--file_format=array_record --data_dir=DIR) and pass --tfds_data_dir=DIR")
   fmt = str(getattr(builder.info.file_format, "value", builder.info.file_format))
   if fmt not in ("array_record", "parquet"):
     raise DataError(f"tfds:{spec.tfds_id} is prepared as {fmt} in {builder.data_dir}; random "

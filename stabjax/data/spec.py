@@ -16,11 +16,16 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+import typing
 from typing import Literal
 
 DataKind = Literal["synthetic", "text", "tfds"]
 DATA_KINDS: tuple[str, ...] = ("synthetic", "text", "tfds")
-TOKENIZER_TYPES: tuple[str, ...] = ("bpe", "unigram")
+TokenizerType = Literal["bpe", "unigram"]
+TOKENIZER_TYPES: tuple[str, ...] = typing.get_args(TokenizerType)
+# How a text: file is cut into documents (`text_builder.split_into_documents`).
+TextSplit = Literal["auto", "blank_line", "line"]
+TEXT_SPLITS: tuple[str, ...] = typing.get_args(TextSplit)
 SPEC_FORMS = "synthetic, text:PATH_OR_GLOB, tfds:NAME[/CONFIG]"
 DEFAULT_CACHE_DIR = "~/.cache/stabjax"
 
@@ -92,13 +97,17 @@ class DataConfig:
   """Everything that defines the data a run trains and evaluates on.
 
   Attributes:
-    spec: the `--data` string (see `parse_data_spec`).
+    spec: what to train on: synthetic, text:PATH_OR_GLOB or tfds:NAME[/CONFIG]
+      (`parse_data_spec`).
     seq_len: tokens per row, BOS and EOS included (>= 2; >= 3 for synthetic data, which
       needs room for BOS, one word and EOS). The synthetic generator's length cap.
     vocab_size: SentencePiece vocabulary size (text/tfds). Byte fallback needs at least
       256 byte pieces + 6 special pieces + the corpus's characters.
     tokenizer_type: SentencePiece model type, 'bpe' or 'unigram'.
     cache_dir: where built datasets, tokenizers and tables are cached.
+    text_split: how a text: file is cut into documents: 'blank_line' (blocks separated by
+      blank lines), 'line' (one document per non-blank line) or 'auto' (per file:
+      'blank_line' if the file has a blank line between two non-blank lines, else 'line').
     text_feature: the TFDS feature that holds the text (tfds:).
     tfds_data_dir: TFDS data_dir for tfds: specs (None: TFDS's default).
     validation_fraction: share of documents hashed into the validation split (text:; and
@@ -127,8 +136,9 @@ class DataConfig:
   spec: str = "synthetic"
   seq_len: int = 128
   vocab_size: int = 2048
-  tokenizer_type: str = "bpe"
+  tokenizer_type: TokenizerType = "bpe"
   cache_dir: str = DEFAULT_CACHE_DIR
+  text_split: TextSplit = "auto"
   text_feature: str = "text"
   tfds_data_dir: str | None = None
   validation_fraction: float = 0.1
@@ -151,6 +161,9 @@ class DataConfig:
     if self.tokenizer_type not in TOKENIZER_TYPES:
       raise DataError(f"tokenizer_type={self.tokenizer_type!r} is not accepted; accepted: "
                       f"{', '.join(TOKENIZER_TYPES)}")
+    if self.text_split not in TEXT_SPLITS:
+      raise DataError(f"text_split={self.text_split!r} is not accepted; accepted: "
+                      f"{', '.join(TEXT_SPLITS)}")
     if not self.cache_dir:
       raise DataError("cache_dir is empty; accepted: a directory path, e.g. ~/.cache/stabjax")
     if not self.text_feature:

@@ -1,7 +1,17 @@
 """Local text files -> a TFDS array_record dataset with 'train' and 'validation' splits.
 
-SPEC section 8, `--data=text:PATH_OR_GLOB`. Documents are blank-line-separated blocks of
-the files (so one big file still holds many documents). Each document goes to the
+SPEC section 8, `--data=text:PATH_OR_GLOB`. How a file is cut into documents is
+`DataConfig.text_split` (`--text_split`), decided per file:
+
+* `blank_line`: documents are blocks separated by blank lines (a line that is empty or
+  holds only whitespace), so one big file still holds many multi-line documents;
+* `line`: every non-blank line is one document (a news corpus, one article per line);
+* `auto` (default): `blank_line` for a file that has a blank line between two non-blank
+  lines, else `line`.
+
+Files are decoded as UTF-8; a leading byte order mark is dropped and Windows (CRLF) and
+old Mac (CR) line ends become '\n', so neither reaches the tokenizer or the word
+metrics. Each document goes to the
 validation split when a stable hash of its text falls below `validation_fraction`, so
 identical documents always land in the same split and no document is in both. If no
 document hashes into validation, the one with the smallest hash is moved there (and
@@ -25,7 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from stabjax.data.spec import DataError
+from stabjax.data.spec import TEXT_SPLITS, DataError
 
 BUILDER_NAME = "stabjax_text"
 _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
@@ -64,9 +74,18 @@ def read_text_file(path: str) -> str:
   return text
 
 
-def split_into_documents(text: str) -> list[str]:
-  """Blank-line-separated blocks, trailing whitespace and surrounding newlines removed."""
-  docs = (b.strip("\n").rstrip() for b in _BLANK_LINE.split(text))
+def split_into_documents(text: str, text_split: str = "auto") -> list[str]:
+  """The documents of one file's text (see the module docstring for `text_split`).
+
+  Trailing whitespace and surrounding newlines are removed; blank documents are dropped.
+  """
+  if text_split not in TEXT_SPLITS:
+    raise DataError(f"text_split={text_split!r} is not accepted; accepted: "
+                    f"{', '.join(TEXT_SPLITS)}")
+  if text_split == "auto":
+    text_split = "blank_line" if _BLANK_LINE.search(text.strip()) else "line"
+  blocks = _BLANK_LINE.split(text) if text_split == "blank_line" else text.split("\n")
+  docs = (b.strip("\n").rstrip() for b in blocks)
   return [d for d in docs if d.strip()]
 
 
@@ -84,7 +103,7 @@ def split_documents(docs: Sequence[str], validation_fraction: float
   if len(set(docs)) < 2:
     raise DataError(f"the text has {len(set(docs))} distinct document(s); at least 2 are "
                     f"needed for train and validation splits: separate documents by blank "
-                    f"lines")
+                    f"lines or put one per line (--text_split=auto|blank_line|line)")
   h = np.array([document_hash(d) for d in docs])
   to_val = h < validation_fraction
   if not to_val.any():
@@ -96,11 +115,11 @@ def split_documents(docs: Sequence[str], validation_fraction: float
   return train, val
 
 
-def read_documents(files: Sequence[str]) -> list[str]:
+def read_documents(files: Sequence[str], text_split: str = "auto") -> list[str]:
   """All documents of `files`, in file order; DataError for an unreadable file."""
   docs = []
   for f in files:
-    docs.extend(split_into_documents(read_text_file(f)))
+    docs.extend(split_into_documents(read_text_file(f), text_split))
   return docs
 
 
@@ -119,24 +138,27 @@ class StabjaxText(tfds.core.GeneratorBasedBuilder):
   Args:
     files: the text files (see `resolve_files`); None to read a prepared dataset.
     validation_fraction: share of documents hashed into validation.
+    text_split: how files are cut into documents ('auto', 'blank_line' or 'line').
     documents: optional precomputed (train, validation) documents of `files`, to skip
       reading them again.
     **kwargs: `tfds.core.GeneratorBasedBuilder` arguments (data_dir, file_format, ...).
   """
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Blank-line documents, sha256 hash split."}
+  RELEASE_NOTES = {"1.0.0": "Blank-line (or one-per-line) documents, sha256 hash split."}
 
   def __init__(self, *, files: Sequence[str] | None = None, validation_fraction: float = 0.1,
+               text_split: str = "auto",
                documents: tuple[Sequence[str], Sequence[str]] | None = None, **kwargs):
     self._files = list(files) if files is not None else None
     self._validation_fraction = validation_fraction
+    self._text_split = text_split
     self._documents = documents
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description="Local UTF-8 text files, one document per blank-line-separated block.",
+        description="Local UTF-8 text files, documents split by blank lines or lines.",
         features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
         disable_shuffling=True)
 
@@ -145,7 +167,7 @@ class StabjaxText(tfds.core.GeneratorBasedBuilder):
     if self._documents is None:
       if self._files is None:
         raise DataError("StabjaxText needs files= to prepare a dataset")
-      self._documents = split_documents(read_documents(self._files),
+      self._documents = split_documents(read_documents(self._files, self._text_split),
                                         self._validation_fraction)
     train, val = self._documents
     return {"train": self._generate_examples(train),
