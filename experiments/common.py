@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from absl import flags, logging
 
-from stabjax import configs, sharding
+from stabjax import compile_cache, configs, sharding
 from stabjax.configs import MODEL_CONFIGS
 
 FLAGS = flags.FLAGS
@@ -218,6 +218,12 @@ def define_run_flags(flag_values=FLAGS) -> None:
   flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU "
                     "pods).", flag_values=flag_values)
   flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.", flag_values=flag_values)
+  flags.DEFINE_string("compilation_cache_dir",
+                      os.environ.get("STABJAX_COMPILATION_CACHE_DIR", compile_cache.DEFAULT_DIR),
+                      "JAX's persistent compilation cache: runs with the same compiled steps "
+                      "load them from here instead of compiling again (default: "
+                      "$STABJAX_COMPILATION_CACHE_DIR, else "
+                      f"{compile_cache.DEFAULT_DIR}); empty: off.", flag_values=flag_values)
   flags.DEFINE_string("wandb_project", None, "Also log metrics and samples to this Weights & "
                       "Biases project (process 0 only; needs pip install -e '.[wandb]'). "
                       "Unset: wandb is never imported.", flag_values=flag_values)
@@ -312,6 +318,7 @@ def prepare_run(F):
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every save at INFO
   cfg = build_config(F)
   make_logger(F)  # a missing wandb fails here, before the data is built
+  compile_cache.enable(F.compilation_cache_dir)
   if F.distributed:
     import jax
     jax.distributed.initialize()
@@ -409,6 +416,7 @@ def base_config(F):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cfg = build_config(F)
   make_logger(F)
+  compile_cache.enable(F.compilation_cache_dir)
   if F.distributed:
     import jax
     jax.distributed.initialize()

@@ -1,8 +1,13 @@
 """Shared test setup: tests run on the CPU with float32 matmuls at full precision."""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The launchers the tests start share one persistent compilation cache (they read this
+# variable), so the many small runs of one config compile their steps once per session.
+os.environ.setdefault("STABJAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"stabjax-tests-jax-cache-{os.getuid()}"))
 
 import jax  # noqa: E402
 

@@ -85,6 +85,22 @@ def test_bert_tiny_trains_with_mlm_loss(tmp_path):
   assert ls[-1] < ls[0] - 0.3, ls
 
 
+def test_a_run_from_the_compilation_cache_trains_bit_for_bit_like_a_compiled_one(tmp_path):
+  """The second run loads its steps from the persistent cache the first one filled; a
+  wrong or stale executable would change the losses."""
+  cache = tmp_path / "jax_cache"
+  first = run_main(tmp_path / "a", f"--compilation_cache_dir={cache}")
+  assert first.returncode == 0, first.stderr[-2000:]
+  filled = set(os.listdir(cache))
+  assert filled, "the first run cached nothing"
+  second = run_main(tmp_path / "b", f"--compilation_cache_dir={cache}")
+  assert second.returncode == 0, second.stderr[-2000:]
+  assert losses(tmp_path / "b") == losses(tmp_path / "a")
+  assert summary(tmp_path / "b")["generation"] == summary(tmp_path / "a")["generation"]
+  # Every executable the second run needed was there already.
+  assert set(os.listdir(cache)) == filled
+
+
 def test_trains_on_a_local_text_file(tmp_path):
   rng = np.random.default_rng(0)
   words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
@@ -165,6 +181,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_summary(tmp_path):
   assert summary(wd) == summary(ref)
 
 
+# Slow: test_workdir's killed-lock test also ends a run with SIGTERM and checks exit 0.
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
   wd = tmp_path / "term"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
