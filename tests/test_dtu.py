@@ -155,6 +155,28 @@ def test_keep_at_least_seq_len_is_full_attention(causal, x, pad):
   np.testing.assert_array_equal(off.apply({"params": params}, x, pad, deterministic=False), y)
 
 
+def _einsum_attention(q, k, v, allowed):
+  """The dense attention as it was written before jax.nn.dot_product_attention."""
+  logits = jnp.einsum("bqhk,bshk->bhqs", q, k) / jnp.sqrt(q.shape[-1])
+  w = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(logits.dtype).min), axis=-1)
+  return jnp.einsum("bhqs,bshk->bqhk", w, v)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_full_attention_equals_the_einsum_softmax_in_values_and_gradients(causal, pad):
+  ks = jax.random.split(jax.random.key(11), 4)
+  q, k, v = (jax.random.normal(kk, (B, T, H, 8)) for kk in ks[:3])
+  allowed = jnp.asarray(np_allowed(causal, pad))
+  r = jax.random.normal(ks[3], q.shape)
+  for f in (dtu_lib.full_attention, _einsum_attention):
+    chex.assert_shape(f(q, k, v, allowed), q.shape)
+  chex.assert_trees_all_close(dtu_lib.full_attention(q, k, v, allowed),
+                              _einsum_attention(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(r * f(*a, allowed)), argnums=(0, 1, 2))(q, k, v)
+  chex.assert_trees_all_close(grad(dtu_lib.full_attention), grad(_einsum_attention),
+                              atol=1e-5, rtol=1e-5)
+
+
 def test_sampled_path_keeps_everything_when_few_candidates(x):
   # 4 real keys per example, keep = 5 < T: the sampled (gathered) path must keep every
   # candidate and so equal full attention.

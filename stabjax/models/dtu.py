@@ -459,12 +459,12 @@ def sampled_attention(rng: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-  """Standard attention, q [B, Q, H, Dh], k, v [B, T, H, Dh], allowed [B|1, 1, Q, T]."""
-  hd = q.shape[-1]
-  logits = jnp.einsum("bqhk,bshk->bhqs", q, k) / jnp.sqrt(hd).astype(q.dtype)
-  logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
-  w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
-  return jnp.einsum("bhqs,bshk->bqhk", w, v)
+  """Standard attention, q [B, Q, H, Dh], k, v [B, T, H, Dh], allowed [B|1, 1, Q, T].
+
+  `jax.nn.dot_product_attention` (its XLA implementation: logits accumulated and the
+  softmax taken in float32), the one entry point where backends add fused kernels.
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=allowed)
 
 
 class DTU(nn.Module):
