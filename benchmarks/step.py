@@ -52,6 +52,8 @@ flags.DEFINE_integer("steps", 4, "Consecutive train steps per timed sample.")
 flags.DEFINE_integer("repeats", 7, "Timed samples per configuration (median reported).")
 flags.DEFINE_string("only", "", "Comma-separated configuration names to run (default all).")
 flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).")
+flags.DEFINE_bool("remat", False, "Rematerialise blocks in the backward pass (large models).")
+flags.DEFINE_bool("scan_layers", False, "Stack blocks with nn.scan (large models).")
 FLAGS = flags.FLAGS
 
 
@@ -84,14 +86,15 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from stabjax import configs, feedback
+  from stabjax import configs, feedback, sharding
   from stabjax.psu import PSUConfig
   from stabjax.train import RunConfig, SpecialIds, Trainer
   from benchmarks import common
 
   ids = SpecialIds(pad=0, bos=1, eos=2, mask=3)
   b, t = FLAGS.batch_size, FLAGS.seq_len
-  base = configs.get_model_config(FLAGS.model, dtype=FLAGS.dtype)
+  base = configs.get_model_config(FLAGS.model, dtype=FLAGS.dtype, remat=FLAGS.remat,
+                                  scan_layers=FLAGS.scan_layers)
   if t > base.max_len:
     raise app.UsageError(f"--seq_len={t} exceeds {base.name}'s max_len={base.max_len}")
   wanted = [s.strip() for s in FLAGS.only.split(",") if s.strip()]
@@ -104,27 +107,35 @@ def main(argv):
   tokens[:, 0] = ids.bos
   host_batch = {"tokens": tokens, "mask": np.ones_like(tokens)}
   counts = np.bincount(tokens.reshape(-1), minlength=base.vocab_size)
-  neg_log_freq = jnp.asarray(feedback.neg_log_unigram_freq(counts))
+  neg_log_freq = feedback.neg_log_unigram_freq(counts)
 
   print(f"# {base.name}: d={base.d_model} layers={base.num_layers} heads={base.num_heads} "
         f"vocab={base.vocab_size} dtype={base.dtype}; batch {b} x seq {t} = {b * t} tokens/step")
   print(f"# {common.machine_description()}")
   print(f"# {FLAGS.repeats} interleaved samples of {FLAGS.steps} steps each per configuration")
 
-  thunks, c_tildes = {}, {}
+  thunks, c_tildes, step_gib = {}, {}, {}
   for name, model_kw, train_kw, psu_kw in rows:
     model_cfg = base.replace(**model_kw)
     train_cfg = configs.TrainConfig(batch_size=b, seq_len=t, steps=10_000, warmup_steps=10,
                                     **train_kw)
     cfg = RunConfig(model=model_cfg, train=train_cfg, psu=PSUConfig(**psu_kw))
     trainer = Trainer.create(cfg, ids)
+    # Compiled ahead of time once: the executable that is timed is the one whose memory
+    # (XLA's buffer assignment: arguments + temporaries, per device) is reported.
+    step = trainer.lower_train_step().compile()
+    mem = step.memory_analysis()
+    if mem is not None:
+      step_gib[name] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30
     holder = {"state": trainer.init_state()}
     batch = trainer.put_batch(host_batch)
+    freq = jax.device_put(jnp.asarray(neg_log_freq, jnp.float32),
+                          sharding.replicated(trainer.mesh))
 
-    def run(trainer=trainer, holder=holder, batch=batch):
+    def run(step=step, holder=holder, batch=batch, freq=freq):
       state = holder["state"]
       for _ in range(FLAGS.steps):  # the step donates its state: thread it through
-        state, metrics = trainer.train_step(state, batch, neg_log_freq)
+        state, metrics = step(state, batch, freq)
       holder["state"] = state
       return metrics["loss"]
 
@@ -138,6 +149,8 @@ def main(argv):
   header = ["configuration", "c~", "step ms", "tokens/s", "vs plain", "model TFLOP/s"]
   if peak is not None:
     header.append("MFU")
+  if step_gib:
+    header.append("step GiB/device")
   table = []
   for name, timing in timings.items():
     step_s = timing.median_s / FLAGS.steps
@@ -147,6 +160,8 @@ def main(argv):
            f"{timing.median_s / plain:.2f}x", f"{tflops:.4f}"]
     if peak is not None:
       row.append(f"{100 * tflops / (peak * jax.device_count()):.1f}%")
+    if step_gib:
+      row.append(f"{step_gib.get(name, float('nan')):.2f}")
     table.append(row)
   print()
   print(common.markdown_table(header, table))
@@ -159,6 +174,12 @@ def main(argv):
   print(f"model FLOPs/token = 6 N + 12 L d T = 6 x {n_params:,} + 12 x {base.num_layers} x "
         f"{base.d_model} x {t} = {flops_tok:,.0f} (no causal halving; N without position "
         f"embeddings)")
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    print(f"peak device memory of this process (all configurations): "
+          f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+  if step_gib:
+    print("step GiB/device: the compiled step's arguments + temporaries (XLA buffer assignment)")
   if peak is None:
     print(f"MFU: peak of {jax.devices()[0].device_kind!r} unknown (CPU): "
           "achieved TFLOP/s only")
