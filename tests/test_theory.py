@@ -6,7 +6,6 @@ point for Theorem 5.5; the lambda sweep of check e (four more runs) is marked sl
 launcher experiments/theory.py runs the same checks with longer runs.
 """
 
-import dataclasses
 import math
 
 import jax
@@ -232,18 +231,20 @@ def test_e_kl_order_in_lambda(lang, data):
 
 @pytest.mark.xfail(strict=True, reason=(
     "Lemma 4.3 read as eq. 48 (KL(theta*) <= inf KL + lambda ||theta*||) fails at the "
-    "stationary point: lambda=0.1, KL(theta*) = 1.084 while a lambda=0.01 point has KL "
-    "0.06 (so inf KL <= 0.06) and lambda ||theta*|| = 0.29: the gap is >= 1.02 > 0.29; "
-    "eq. 37's delta^2 / (2 beta) is smaller still"))
+    "stationary point: lambda=0.1, KL(theta*) = 1.084 while gradient descent at "
+    "lambda=0.001 reaches KL 0.563 (so inf KL <= 0.563) and lambda ||theta*|| = 0.29: the "
+    "gap is >= 0.52 > 0.29; eq. 37's delta^2 / (2 beta) is smaller still"))
 def test_lemma_4_3_at_the_stationary_point(lang, data, trained, stationary):
   tokens, mask, emp = data
   run, dist = stationary
-  # An upper bound on inf KL: the trained point continued by L-BFGS at a smaller lambda.
-  low = theory.polish(dataclasses.replace(trained[0], lam=0.01), tokens, mask, 250)
+  # An upper bound on inf KL: the trained point continued by descent at a smaller lambda
+  # (L-BFGS stalls there at KL 0.78 in float32).
+  low = theory.train_sgd(lang, tokens, mask, 0.001, LR, STEPS, params=trained[0].params,
+                         chunk=1000)
   kl_ref = theory.forward_kl(theory.exact_model_distribution(low.model, low.params, lang), emp)
   res = theory.check_lemma_4_3(run, lang, emp, tokens, mask, kl_ref, dist)
-  assert res["relative_residual"] < 1e-2, res  # theta* is stationary: the lemma applies
-  assert kl_ref < 0.5 * res["forward_kl"], res
+  assert res["stationary"], res  # theta* is stationary: the lemma applies
+  assert kl_ref < 0.6 * res["forward_kl"], res
   assert res["eq37_bound"] < res["eps"], res  # eq. 37's constant is the tighter one
   assert res["holds"], res
 
@@ -325,7 +326,7 @@ def test_theorem_b9_lipschitz_with_frozen_sets(dtu_b9):
   assert res["max_pair_ratio"] <= max(res["jacobian_norms"]) * 1.01, res
   assert res["B_X"] <= res["B_X_bound"], res
   assert res["holds_frozen"], res  # within eq. 153's constant for fixed sets
-  assert res["flip_found"] and res["flip_changed_slots"] >= 1, res
+  assert res["flip_found"] and res["flip_changed_queries"] >= 1, res
   assert res["frozen_ratio_same_pair"] <= 1.01 * res["L_frozen"], res
 
 
