@@ -23,7 +23,7 @@ and the appendix's claims about the units, each on the project's own code:
   k  Theorem B.1: the PSU's gamma on noisy vs informative batches (tests/test_psu.py's
      toy) at alpha 0.05, 0.2 (the paper's) and 5
 
-    python experiments/theory.py                     # about 10-15 minutes on 2 CPU cores
+    python experiments/theory.py                     # about 8 CPU-minutes (16 min wall on 2 busy cores)
     python experiments/theory.py --steps=4000        # a quicker, less converged pass
 
 Writes WORKDIR/theory.md (claim | quantity | measured | holds?, and a reading per claim)
