@@ -20,7 +20,7 @@ and the appendix's claims about the units, each on the project's own code:
   h  Lemma B.4 / Theorem B.5: node (dprob/dfix) vs edge (dmu2_prob/dmu2_fix) modes
   i  Theorem B.7: Hoeffding's bound over K stochastic DMU passes, empirical coverage
   j  Theorem B.9: the DTU's Lipschitz constant with frozen key sets, and a set flip
-  k  Theorem B.1: the PSU's gamma on noisy vs informative batches (tests/test_psu.py's
+  k  Theorem B.1: the PSU's gamma on noisy vs informative batches (theory.psu_toy_run's
      toy) at alpha 0.05, 0.2 (the paper's) and 5
 
     python experiments/theory.py                     # about 8 CPU-minutes (16 min wall on 2 busy cores)
@@ -175,7 +175,6 @@ def unit_checks(seed: int) -> dict:
 
   from stabjax import theory
   from stabjax.psu import PSUConfig
-  from tests import test_psu  # the Theorem B.1 toy and its runner, shared with the tests
 
   key = jax.random.PRNGKey(seed + 100)
   out = {}
@@ -190,7 +189,7 @@ def unit_checks(seed: int) -> dict:
   out["j"] = theory.check_theorem_b9(jax.random.fold_in(key, 4))
   out["k"] = []
   for alpha in B1_ALPHAS:
-    records = [test_psu._toy_run(PSUConfig(penalty=4e-5), alpha, 3000, s)[2]
+    records = [theory.psu_toy_run(PSUConfig(penalty=4e-5), alpha, 3000, s)[2]
                for s in B1_SEEDS]
     out["k"].append(theory.check_theorem_b1(records, alpha))
   out["unit_checks_seconds"] = time.time() - t

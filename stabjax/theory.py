@@ -52,8 +52,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from stabjax import configs, degeneration, metrics, optim, sampling
+from stabjax import configs, degeneration, feedback, metrics, optim, sampling
+from stabjax import psu as psu_lib
 from stabjax.data.enumerable import EnumerableLanguage, EnumeratedEmpirical
 from stabjax.data.synthetic import BOS_ID, EOS_ID, MASK_ID, NUM_RESERVED, PAD_ID
 from stabjax.models import dmu as dmu_lib
@@ -1315,3 +1317,69 @@ def check_theorem_b1(records: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]
           "mean_margin": float(np.mean([r["margin"] for r in rows])),
           "holds_noisy_to_one": bool(all(abs(r["gamma_noisy"] - 1.0) <= one_tol for r in rows)),
           "holds": bool(all(r["margin"] > 0 for r in rows))}
+
+
+# ---------------------------------------------------------------- Theorem B.1's PSU toy
+# Softmax regression, 8 inputs, 4 classes, batches of 32. Informative batches: inputs on
+# dims 0-3, labels the argmax of a fixed teacher (learnable, so the model becomes
+# confident: low entropy). Noisy batches: inputs on dims 4-7, uniform random labels (the
+# model stays near uniform there: high entropy). Each batch is noisy with p = 1/2. Inner
+# optimizer Adam(0.05); the PSU with the config given. Shared by experiments/theory.py and
+# tests/test_psu.py / tests/test_theory.py.
+
+B1_D, B1_K, B1_B = 8, 4, 32
+B1_TEACHER = np.array([[3., 0, 0, -3], [0, 3, -3, 0], [-3, 3, 0, 0], [0, 0, 3, -3]], np.float32)
+
+
+def _b1_batch(key, noisy):
+  kx, ky = jax.random.split(key)
+  x = jax.random.normal(kx, (B1_B, 4))
+  zeros = jnp.zeros((B1_B, 4))
+  xs = jnp.where(noisy, jnp.concatenate([zeros, x], -1), jnp.concatenate([x, zeros], -1))
+  ys = jnp.where(noisy, jax.random.randint(ky, (B1_B,), 0, B1_K), jnp.argmax(x @ B1_TEACHER, -1))
+  return xs, ys
+
+
+def _b1_loss(params, x, y):
+  logits = x @ params["w"]["kernel"] + params["b"]["bias"]
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, y[:, None], -1)), logits
+
+
+@functools.lru_cache(maxsize=None)
+def _b1_runner(cfg, alpha, steps):
+  """A jitted run(seed) -> (params, opt_state, (noisy, gamma, entropy) per step).
+
+  Trains with the PSU in exact value mode (value_fn: the loss on the same batch).
+  """
+  params0 = {"w": {"kernel": jnp.zeros((B1_D, B1_K))}, "b": {"bias": jnp.zeros((B1_K,))}}
+
+  @jax.jit
+  def run(seed):
+    tx = optax.chain(optax.adam(0.05), psu_lib.psu(cfg, alpha=alpha, seed=seed))
+
+    def step(carry, key):
+      params, opt_state = carry
+      k_noisy, k_batch = jax.random.split(key)
+      noisy = jax.random.bernoulli(k_noisy, 0.5)
+      x, y = _b1_batch(k_batch, noisy)
+      (loss, logits), grads = jax.value_and_grad(_b1_loss, has_aux=True)(params, x, y)
+      entropy = feedback.predictive_entropy(logits)
+      updates, opt_state = tx.update(grads, opt_state, params, value=loss, grad=grads,
+                                     value_fn=lambda p: _b1_loss(p, x, y)[0], entropy=entropy)
+      params = optax.apply_updates(params, updates)
+      return (params, opt_state), (noisy, opt_state[1].metrics.gamma, entropy)
+
+    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1000), seed), steps)
+    (params, opt_state), rec = jax.lax.scan(step, (params0, tx.init(params0)), keys)
+    return params, opt_state, rec
+
+  return run
+
+
+def psu_toy_run(cfg, alpha: float, steps: int, seed: int = 0):
+  """(params, opt_state, (noisy, gamma, entropy) per step as NumPy) of one toy run."""
+  params, opt_state, rec = _b1_runner(cfg, alpha, steps)(jnp.int32(seed))
+  return params, opt_state, jax.tree.map(np.asarray, rec)
+
+

@@ -358,9 +358,8 @@ def test_theorem_b9_lipschitz_when_a_set_flips(dtu_b9):
     "0.2: 1.84 / 1.84, 0.62 / 1.81, 0.63 / 1.79; alpha 0.05: 1.83 / 1.84, 0.61 / 1.81, "
     "0.58 / 1.79 (the property holds at alpha = 5, test_psu)"))
 def test_theorem_b1_at_the_papers_alpha(alpha):
-  import test_psu  # the toy and its runner, shared with tests/test_psu.py
   from stabjax.psu import PSUConfig
-  records = [test_psu._toy_run(PSUConfig(penalty=4e-5), alpha, 3000, seed)[2]
+  records = [theory.psu_toy_run(PSUConfig(penalty=4e-5), alpha, 3000, seed)[2]
              for seed in (0, 1, 2)]
   res = theory.check_theorem_b1(records, alpha)
   for row in res["seeds"]:
