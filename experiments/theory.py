@@ -12,8 +12,18 @@ the paper's eq. 3 (per-sequence NLL + (lambda/2)||theta||^2 on every parameter),
   c  Definition 3.1 / Lemma 4.1: ||theta_t|| bounded, ||grad L_lambda(theta_t)|| -> 0
   d  Theorem 5.5: P_theta(S_0) >= 1 - lambda M, at 4 lambdas
   e  the order in lambda of the KL gap (eq. 37: lambda^2, eq. 39: lambda)
+  f  Lemma 4.3: KL(theta*) <= inf KL + lambda ||theta*|| (eq. 48), and eq. 37's constant
 
-    python experiments/theory.py                     # about 5-10 minutes on 2 CPU cores
+and the appendix's claims about the units, each on the project's own code:
+
+  g  Lemma B.2: Prob vs Fix DMU bias-update variance (Monte Carlo over masks), widths 8-512
+  h  Lemma B.4 / Theorem B.5: node (dprob/dfix) vs edge (dmu2_prob/dmu2_fix) modes
+  i  Theorem B.7: Hoeffding's bound over K stochastic DMU passes, empirical coverage
+  j  Theorem B.9: the DTU's Lipschitz constant with frozen key sets, and a set flip
+  k  Theorem B.1: the PSU's gamma on noisy vs informative batches (theory.psu_toy_run's
+     toy) at alpha 0.05, 0.2 (the paper's) and 5
+
+    python experiments/theory.py                     # about 8 CPU-minutes (16 min wall on 2 busy cores)
     python experiments/theory.py --steps=4000        # a quicker, less converged pass
 
 Writes WORKDIR/theory.md (claim | quantity | measured | holds?, and a reading per claim)
@@ -48,6 +58,13 @@ LAM_C = 0.03  # the Lemma 4.1 run (constant rate)
 LR_CONST = 0.03
 LR0, TAU = 0.03, 500.0  # eta_t = LR0 / (1 + t / TAU): the diminishing rate of eq. 4
 CHI2_SAMPLES = 20_000
+B2_WIDTHS = (8, 32, 128, 512)  # DMU output width n (Lemma B.2)
+B2_NODE_WIDTHS = (8, 512)  # dprob vs dfix: the same formulas, fewer compilations
+B2_MASKS = 10_000
+B4_WIDTHS = ((8, 16), (64, 128))  # (d, d_ff) of the DMU (Lemma B.4 / Theorem B.5)
+B4_MASKS = 4000
+B1_ALPHAS = (0.05, 0.2, 5.0)  # the paper's two, and the one tests/test_psu.py needs
+B1_SEEDS = (0, 1, 2)
 
 
 def _fmt(x, digits=4):
@@ -72,7 +89,7 @@ def _jsonable(obj):
   return obj
 
 
-def run_checks(workdir: str, seed: int, steps: int) -> dict:
+def run_checks(workdir: str, seed: int, steps: int, start: float | None = None) -> dict:
   import jax
   from tqdm import tqdm
 
@@ -136,13 +153,47 @@ def run_checks(workdir: str, seed: int, steps: int) -> dict:
   bar.close()
   results["d"] = [theory.check_theorem_5_5(r, lang, emp, tokens, mask) for r in runs]
   results["e"] = theory.check_kl_order(runs, lang, emp, tokens, mask)
+  # f: inf KL <= the smallest KL any run reached (the points of d and e and of c).
+  kl_ref = min([x["forward_kl"] for x in results["e"]["runs"]]
+               + [theory.forward_kl(dist, emp)])
+  results["f"] = [theory.check_lemma_4_3(r, lang, emp, tokens, mask, kl_ref) for r in runs]
+  results.update(unit_checks(seed))
 
+  if start is not None:
+    results["setup"]["wall_seconds"] = time.time() - start
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "theory.json"), "w") as f:
     json.dump(_jsonable(results), f, indent=1)
   with open(os.path.join(workdir, "theory.md"), "w") as f:
     f.write(report(results))
   return results
+
+
+def unit_checks(seed: int) -> dict:
+  """g-k: the appendix's claims about DMU, DTU and PSU (no language model involved)."""
+  import jax
+
+  from stabjax import theory
+  from stabjax.psu import PSUConfig
+
+  key = jax.random.PRNGKey(seed + 100)
+  out = {}
+  t = time.time()
+  out["g_edge"] = theory.check_lemma_b2(jax.random.fold_in(key, 0), widths=B2_WIDTHS,
+                                        num_masks=B2_MASKS)
+  out["g_node"] = theory.check_lemma_b2(jax.random.fold_in(key, 1), widths=B2_NODE_WIDTHS,
+                                        num_masks=B2_MASKS, pair=("dprob", "dfix"))
+  out["h"] = theory.check_node_edge_equivalence(jax.random.fold_in(key, 2), widths=B4_WIDTHS,
+                                                num_masks=B4_MASKS)
+  out["i"] = theory.check_theorem_b7(jax.random.fold_in(key, 3))
+  out["j"] = theory.check_theorem_b9(jax.random.fold_in(key, 4))
+  out["k"] = []
+  for alpha in B1_ALPHAS:
+    records = [theory.psu_toy_run(PSUConfig(penalty=4e-5), alpha, 3000, s)[2]
+               for s in B1_SEEDS]
+    out["k"].append(theory.check_theorem_b1(records, alpha))
+  out["unit_checks_seconds"] = time.time() - t
+  return out
 
 
 def report(r: dict) -> str:
@@ -185,6 +236,75 @@ def report(r: dict) -> str:
   add("e. KL order in lambda (eq. 37 vs 39)", "slope of log KL vs log lambda",
       f"{e['exponent']:.2f} (local {', '.join(f'{x:.2f}' for x in e['local_exponents'])}); "
       f"KL {kls}", e["holds"])
+  for f in r["f"]:
+    verdict = ("no" if f["violated"] else "yes" if f["certain"] else "undetermined")
+    if not f["stationary"]:  # the lemma is about stationary points only
+      verdict = f"not tested (not stationary; {verdict} at this point)"
+    add(f"f. Lemma 4.3 (lambda={f['lam']})",
+        "KL(theta*) - inf KL <= lambda ||theta*|| (eq. 48); eq. 37's delta^2 / (2 beta)",
+        f"KL {f['forward_kl']:.4f}, inf KL in [0, {f['kl_reference']:.4f}]: gap in "
+        f"[{max(f['gap_lower'], 0.0):.4f}, {f['gap_upper']:.4f}] vs eps {f['eps']:.4f}; "
+        f"eq. 37 {f['eq37_bound']:.2e} (beta {f['beta']:.1f}); (KL - ref) / lambda "
+        f"{f['gap_over_lam']:.2f}; rel. residual {f['relative_residual']:.1e}", verdict)
+  for key in ("g_edge", "g_node"):
+    g = r[key]
+    a, b = g["pair"]
+    cells = "; ".join(
+        f"n={w['n']}: {w[a]['var_measured']:.4f} / {w[b]['var_measured']:.4f} (formula "
+        f"{w[a]['var_formula']:.4f} / {w[b]['var_formula']:.4f}), diff "
+        f"{w['difference_measured']:.4f} +- {w['difference_se']:.4f} (formula "
+        f"{w['difference_formula']:.4f})" for w in g["widths"])
+    add(f"g. Lemma B.2 ({a} vs {b}, c~={g['c_tilde']})",
+        f"Var(Delta b_i) / g_i^2 of the output bias, {g['num_masks']} masks, vs c~(1-c~) and "
+        "p(1-p), p = floor(c~ n)/n; normalised difference",
+        f"{cells}; the proof's reading (Var(b | S_b) = 0): {g['widths'][0]['proof_reading_difference']:.2f} "
+        "at every n", g["holds"])
+  h = r["h"]
+  for w in h["widths"]:
+    parts = []
+    for pair, q in w["node_over_edge"].items():
+      ks = ", ".join(f"{n} {q[n]['keep']:.2f}/{q[n]['mean_ratio']:.2f}/{q[n]['var_ratio']:.2f}"
+                     for n in ("wi_kernel", "wo_kernel", "wi_bias", "wo_bias"))
+      parts.append(f"{pair}: {ks}; E[y] {q['output_ratio']:.2f}")
+    last = w is h["widths"][-1]
+    add(f"h. Lemma B.4 / Thm B.5 (d={w['d']}, d_ff={w['d_ff']}, c~={h['c_tilde']})",
+        "node / edge ratio of keep share / E[update] / Var[update] per param, and of E[y] "
+        f"(linear unit, {h['num_masks']} masks); 1 claimed",
+        "; ".join(parts), h["holds"] if last else "-")
+  i = r["i"]
+  cov = ", ".join(f"K={x['K']} d={x['delta']}: {x['coverage']:.3f} vs {x['promised']:.2f} "
+                  f"(q/eps {x['quantile_over_epsilon']:.2f})" for x in i["rows"])
+  rates = ", ".join(f"{x['rate']:.3f}" for x in i["rates"])
+  add(f"i. Thm B.7 ({i['mode']}, c~={i['c_tilde']})",
+      f"coverage of |L_K - L| <= (b-a) sqrt(ln(2/delta)/2K), {i['groups']} groups; "
+      "std(L_K) sqrt(K) / std(l)",
+      f"L = {i['L']:.4f} +- {i['L_se']:.1e}, std(l) {i['loss_std']:.4f}, l in "
+      f"[{i['loss_min']:.3f}, {i['loss_max']:.3f}]; {cov}; rate {rates}", i["holds"])
+  j = r["j"]
+  add(f"j. Thm B.9, frozen key sets (n={j['t']}, a3={j['keep']}, d_k={j['dk']})",
+      "measured Lipschitz constant vs eq. 153 (fixed sets)",
+      f"L {j['L_frozen']:.3f} (Jacobian norms {min(j['jacobian_norms']):.2f}-"
+      f"{max(j['jacobian_norms']):.2f}, pairs {j['max_pair_ratio']:.2f}) vs {j['bound_eq153']:.1f} "
+      f"(B_Q {j['B_Q']:.2f}, B_K {j['B_K']:.2f}, B_V {j['B_V']:.2f}, B_X {j['B_X']:.2f})",
+      j["holds_frozen"])
+  add("j. Thm B.9, the theorem's constant (eq. 155)",
+      "measured L vs a_V B_V (1 + (2 C_soft + B_X^2 a_Q a_K B_Q B_K) / sqrt(d_k)), a = a3/n",
+      f"{j['L_frozen']:.3f} vs {j['bound_eq155']:.3f} at C_soft = {j['c_soft']:g} "
+      f"({j['bound_eq155_c0']:.3f} at 0); C_soft >= {j['c_soft_needed']:.2f} needed",
+      j["holds_eq155"])
+  if j["flip_found"]:
+    add("j. Thm B.9, key sets re-drawn (a set flip)",
+        "output jump / input gap where a set changes (bisected) vs eq. 153",
+        f"jump {j['flip_jump']:.3f} over a gap of {j['flip_gap']:.1e}: {j['flip_ratio']:.2e} vs "
+        f"{j['bound_eq153']:.1f} (frozen sets, same pair: {j['frozen_ratio_same_pair']:.2f}); "
+        f"{j['flip_changed_queries']} query's set changed", j["holds_redrawn"])
+  for k in r["k"]:
+    seeds = ", ".join(f"{x['gamma_informative']:.2f} / {x['gamma_noisy']:.2f}" for x in k["seeds"])
+    ent = k["seeds"][0]
+    add(f"k. Thm B.1 (alpha={k['alpha']:g})",
+        "mean gamma informative / noisy batches, last 1000 of 3000 steps, seeds 0-2",
+        f"{seeds} (H {ent['entropy_informative']:.2f} / {ent['entropy_noisy']:.2f}); "
+        f"noisy gamma -> 1: {'yes' if k['holds_noisy_to_one'] else 'no'}", k["holds"])
 
   out = ["# The paper's theory, checked on an enumerable language\n",
          f"Language: {s['language']}: {s['num_sequences']} sequences, H(P) = "
@@ -270,10 +390,16 @@ def main(argv):
   if not FLAGS.workdir:
     common.fail("--workdir must not be empty")
   start = time.time()
-  results = run_checks(FLAGS.workdir, FLAGS.seed, FLAGS.steps)
+  results = run_checks(FLAGS.workdir, FLAGS.seed, FLAGS.steps, start)
   verdicts = {"a": results["a_trained"]["holds"], "b": results["b"]["holds"],
               "c": results["c_constant"]["holds"] and results["c_diminishing"]["holds"],
-              "d": all(d["holds"] for d in results["d"]), "e": results["e"]["holds"]}
+              "d": all(d["holds"] for d in results["d"]), "e": results["e"]["holds"],
+              "f": all(f["holds"] for f in results["f"] if f["stationary"]),
+              "g": results["g_edge"]["holds"] and results["g_node"]["holds"],
+              "h": results["h"]["holds"], "i": results["i"]["holds"],
+              "j": results["j"]["holds_frozen"] and results["j"]["holds_eq155"]
+                   and results["j"]["holds_redrawn"],
+              "k": all(k["holds"] for k in results["k"])}
   print(f"wrote {os.path.join(FLAGS.workdir, 'theory.md')} and theory.json in "
         f"{time.time() - start:.0f} s; holds: "
         + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in verdicts.items()))

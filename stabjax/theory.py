@@ -52,10 +52,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from stabjax import configs, degeneration, metrics, optim, sampling
+from stabjax import configs, degeneration, feedback, metrics, optim, sampling
+from stabjax import psu as psu_lib
 from stabjax.data.enumerable import EnumerableLanguage, EnumeratedEmpirical
 from stabjax.data.synthetic import BOS_ID, EOS_ID, MASK_ID, NUM_RESERVED, PAD_ID
+from stabjax.models import dmu as dmu_lib
 
 PyTree = Any
 
@@ -785,3 +788,598 @@ def check_kl_order(runs: Sequence[SGDRun], lang: EnumerableLanguage, emp: Enumer
           "consistent_with_eq39": bool(slope >= min_exponent),
           "consistent_with_eq37": bool(slope >= 2.0 - (1.0 - min_exponent)),
           "holds": bool(slope >= min_exponent)}
+
+
+def check_lemma_4_3(run: SGDRun, lang: EnumerableLanguage, emp: EnumeratedEmpirical,
+                    tokens: np.ndarray, mask: np.ndarray, kl_reference: float,
+                    dist: ExactDistribution | None = None, with_beta: bool = True,
+                    stationary_tol: float = 1e-2) -> dict[str, Any]:
+  r"""Lemma 4.3 (eq. 39) at one theta*, read as eq. 48: KL(theta*) <= inf KL + lam ||theta*||.
+
+  Eq. 39 says O(lambda); the constant the proof uses downstream (eq. 44, 48) is
+  eps = delta = lam M with M = ||theta*|| (eq. 33), so that is the tested inequality;
+  eq. 37's own constant, delta^2 / (2 beta), is also reported, with beta the largest
+  Hessian eigenvalue of L (not L_lambda) at theta* by power iteration (a local beta:
+  the global smoothness constant is at least as large, so a violation of eq. 37 with
+  the local beta is a violation with any admissible beta).
+
+  inf_theta d(P_emp || P_theta) is unknown, but 0 <= inf <= `kl_reference`, the KL at
+  any parameters (the caller passes the smallest it measured). So: `violated` (certain)
+  when KL(theta*) - kl_reference > eps; `certain` (holds for sure) when KL <= eps;
+  otherwise undetermined. `holds`: not violated. `gap_over_lam`: (KL - kl_reference) /
+  lam, the O(lambda) constant this point needs (a lower bound on it when inf <
+  kl_reference). The lemma assumes theta* stationary: `relative_residual` and
+  `stationary` as in `check_theorem_5_5`; at a point that is not, a violation says
+  nothing about the lemma.
+  """
+  dist = exact_model_distribution(run.model, run.params, lang) if dist is None else dist
+  s = stationarity(run.model, run.params, tokens, mask, run.lam, run.decay)
+  kl = forward_kl(dist, emp)
+  eps = run.lam * s["param_norm"]
+  out = {"lam": run.lam, "forward_kl": kl, "kl_reference": float(kl_reference),
+         "gap_upper": kl, "gap_lower": kl - float(kl_reference), "M": s["param_norm"],
+         "eps": eps, "gap_over_lam": (kl - float(kl_reference)) / run.lam,
+         "relative_residual": s["residual"] / max(s["grad_norm"], 1e-30),
+         "stationary": bool(s["residual"] <= stationary_tol * s["grad_norm"]),
+         "violated": bool(kl - kl_reference > eps), "certain": bool(kl <= eps)}
+  if with_beta:
+    beta = abs(sharpness(run.model, run.params, tokens, mask, 0.0, run.decay))
+    out.update(beta=beta, eq37_bound=eps ** 2 / (2.0 * beta),
+               eq37_violated=bool(kl - kl_reference > eps ** 2 / (2.0 * beta)))
+  out["holds"] = not out["violated"]
+  return out
+
+
+# ----------------------------------------------------------------------- DMU (appendix B.3)
+#
+# The DMU's updates under its own masks (stabjax/models/dmu.py), one SGD step
+# Delta theta = -lr grad_theta L(theta; masks), over many independent mask draws. The
+# loss is linear in the unit's output, L = sum(r * y), so the gradient of the output
+# bias is r itself times its mask: the setting of the paper's eq. 78 / 85 (a fixed
+# gradient, masked). Every mode runs through `dmu_dense_reference`, the unit's own
+# computation for three modes and equal to `dfix`'s gathered one (tests/test_dmu.py).
+
+
+def identity(a):
+  return a
+
+
+def dmu_unit_params(key: jax.Array, d: int, d_ff: int, scale: float = 1.0
+                    ) -> dict[str, jax.Array]:
+  """Random DMU parameters (normal, std scale / sqrt(fan in); biases too)."""
+  k = jax.random.split(key, 4)
+  return {"wi_kernel": scale * jax.random.normal(k[0], (d, d_ff)) / math.sqrt(d),
+          "wi_bias": scale * jax.random.normal(k[1], (d_ff,)),
+          "wo_kernel": scale * jax.random.normal(k[2], (d_ff, d)) / math.sqrt(d_ff),
+          "wo_bias": scale * jax.random.normal(k[3], (d,))}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "activation"))
+def _dmu_update_sums(config, params, x, r, keys, activation):
+  """Over the draws `keys`: sum, sum of squares and non-zero count of -grad L(theta; masks),
+  and the sum of the unit's outputs."""
+  d, d_ff = params["wi_kernel"].shape
+  scales = dmu_lib.dmu_scales(config, d, d_ff, deterministic=False)
+
+  def update(key):
+    masks = dmu_lib.dmu_masks(key, config, d, d_ff)
+    y, vjp = jax.vjp(lambda p: dmu_lib.dmu_dense_reference(p, x, masks, scales, activation),
+                     params)
+    return jax.tree.map(lambda g: -g, vjp(r)[0]), y
+
+  ups, ys = jax.vmap(update)(keys)
+  sums = {n: (v.sum(0), (v * v).sum(0), (v != 0).sum(0)) for n, v in ups.items()}
+  return sums, ys.sum(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateMoments:
+  """Per-entry moments of a DMU's SGD update over mask draws (`dmu_update_moments`).
+
+  Attributes (dicts keyed by the DMU's param names, float64 arrays of the param shapes):
+    mean, var: Monte Carlo mean and (unbiased) variance of Delta theta = -lr grad.
+    output_mean: the Monte Carlo mean of the unit's output (masked, training scaling).
+    keep: share of the draws in which the entry's update is non-zero (it took part).
+    grad: the gradient of the unmasked unit (c~ = 1): the paper's grad(w_ij L).
+    num_masks: draws.
+  """
+
+  mean: dict
+  var: dict
+  keep: dict
+  grad: dict
+  output_mean: np.ndarray
+  num_masks: int
+
+
+def dmu_update_moments(config, params: dict, x: jax.Array, r: jax.Array, key: jax.Array,
+                       num_masks: int, activation: Callable = identity, lr: float = 1.0,
+                       chunk: int = 1000) -> UpdateMoments:
+  """Mean, variance and keep share of -lr grad L(theta; masks), L = sum(r * unit(x)).
+
+  `num_masks` independent draws of `dmu_masks` (keys split from `key`), in vmapped
+  chunks; sums accumulated in float64.
+  """
+  keys = jax.random.split(key, num_masks)
+  tot, y_sum = None, 0.0
+  for start in range(0, num_masks, chunk):
+    part = keys[start:start + chunk]
+    sums, ys = _dmu_update_sums(config, params, x, r, part, activation)
+    y_sum = y_sum + np.asarray(ys, np.float64)
+    sums = {n: tuple(np.asarray(a, np.float64) for a in v) for n, v in sums.items()}
+    tot = sums if tot is None else {n: tuple(a + b for a, b in zip(tot[n], sums[n]))
+                                    for n in tot}
+  n = float(num_masks)
+  mean = {k: s / n for k, (s, _, _) in tot.items()}
+  var = {k: (q - n * mean[k] ** 2) / (n - 1) for k, (_, q, _) in tot.items()}
+  keep = {k: c / n for k, (_, _, c) in tot.items()}
+  grad = jax.grad(lambda p: jnp.sum(r * dmu_lib.mlp(p, x, activation)))(params)
+  return UpdateMoments(mean={k: lr * v for k, v in mean.items()},
+                       var={k: lr * lr * v for k, v in var.items()}, keep=keep,
+                       grad={k: np.asarray(v, np.float64) for k, v in grad.items()},
+                       output_mean=y_sum / n, num_masks=num_masks)
+
+
+def _bernoulli_var_se(g2: np.ndarray, p: float, num: int) -> float:
+  """Standard error of sum_i s_i^2 / sum_i g_i^2, s_i^2 the sample variance of -M_i g_i.
+
+  M_i ~ Bernoulli(p): Var(s^2) ~ (mu_4 - sigma^4) / num with mu_4 = g^4 p(1-p)(1-3p+3p^2).
+  """
+  mu4 = p * (1 - p) * (1 - 3 * p + 3 * p * p)
+  return float(math.sqrt(np.sum(g2 ** 2) * (mu4 - (p * (1 - p)) ** 2) / num) / np.sum(g2))
+
+
+def check_lemma_b2(key: jax.Array, widths: Sequence[int] = (8, 32, 128, 512),
+                   c_tilde: float = 0.3, pair: tuple[str, str] = ("dmu2_prob", "dmu2_fix"),
+                   num_masks: int = 10_000, d_ff: int = 1, z: float = 4.0,
+                   shrink: float = 10.0) -> dict[str, Any]:
+  r"""Lemma B.2: (1/n) sum_i |Var(b_i | Prob) - Var(b_i | Fix)| -> 0 as n -> infinity.
+
+  b is the DMU's output bias (n = d entries; d_ff small, it plays no part), one SGD
+  step of a loss linear in the output, so Delta b_i = -lr M_i g_i with g_i = dL/db_i
+  fixed (eq. 85). Monte Carlo over `num_masks` draws of the unit's masks in each mode
+  of `pair` (edge: dmu2_prob / dmu2_fix; node: dprob / dfix, whose bias mask is the
+  output-node mask). Reading: Var is the variance over the mask draw (the marginal
+  one). Then Var(b_i | Prob) = lr^2 c~(1-c~) g_i^2 (eq. 95) and, since a uniform
+  floor(c~ n)-subset keeps each entry with p = floor(c~ n) / n (eq. 87),
+  Var(b_i | Fix) = lr^2 p(1-p) g_i^2: their normalised difference |c~(1-c~) - p(1-p)|
+  vanishes like 1/n. (The proof's own reading, eq. 97, "Var(W | S_W) = 0" for Fix,
+  conditions on the subset; it makes the difference c~(1-c~) mean g^2, which does not
+  vanish: reported as `proof_reading_difference`.) Everything is normalised by mean g^2.
+
+  holds: at every width each mode's measured variance is within z standard errors of
+  its formula, the measured signed difference within z SE of the formula's, and the
+  formula's difference at the largest width is below 1/shrink of that at the smallest.
+  """
+  rows = []
+  lr = 1.0
+  for i, n in enumerate(widths):
+    k_p, k_x, k_r, k_m = jax.random.split(jax.random.fold_in(key, i), 4)
+    params = dmu_unit_params(k_p, n, d_ff)
+    x = jax.random.normal(k_x, (4, n))
+    r = jax.random.normal(k_r, (4, n))
+    row = {"n": n}
+    meas, se = {}, {}
+    for j, mode in enumerate(pair):
+      cfg = configs.DMUConfig(c_tilde=c_tilde, mode=mode)
+      m = dmu_update_moments(cfg, params, x, r, jax.random.fold_in(k_m, j), num_masks, lr=lr)
+      g2 = m.grad["wo_bias"] ** 2
+      p = dmu_lib.keep_probs(cfg, n, d_ff)["wo_bias" if mode in dmu_lib.EDGE_MODES else "output"]
+      meas[mode] = float(m.var["wo_bias"].sum() / (lr ** 2 * g2.sum()))
+      se[mode] = _bernoulli_var_se(g2, p, num_masks)
+      row[mode] = {"keep_prob": p, "var_measured": meas[mode], "var_formula": p * (1 - p),
+                   "se": se[mode], "keep_measured": float(m.keep["wo_bias"].mean()),
+                   "mean_measured": float(np.sum(-m.mean["wo_bias"] * m.grad["wo_bias"])
+                                          / (lr * g2.sum()))}
+      row[mode]["z"] = (meas[mode] - p * (1 - p)) / se[mode]
+      row[mode]["_var"] = m.var["wo_bias"] / (lr ** 2 * g2.mean())
+    a, b = pair
+    row["difference_formula"] = row[a]["var_formula"] - row[b]["var_formula"]
+    row["difference_measured"] = meas[a] - meas[b]
+    row["difference_se"] = math.hypot(se[a], se[b])
+    row["difference_z"] = ((row["difference_measured"] - row["difference_formula"])
+                           / row["difference_se"])
+    # (1/n) sum |.| of the per-entry Monte Carlo variances: floored by their noise.
+    row["abs_difference_measured"] = float(np.mean(np.abs(row[a].pop("_var")
+                                                          - row[b].pop("_var"))))
+    row["proof_reading_difference"] = c_tilde * (1 - c_tilde)
+    rows.append(row)
+  agree = all(abs(r_[m]["z"]) <= z for r_ in rows for m in pair)
+  diff_ok = all(abs(r_["difference_z"]) <= z for r_ in rows)
+  first, last = abs(rows[0]["difference_formula"]), abs(rows[-1]["difference_formula"])
+  return {"pair": list(pair), "c_tilde": c_tilde, "num_masks": num_masks, "widths": rows,
+          "formulas_agree": bool(agree), "differences_agree": bool(diff_ok),
+          "vanishes": bool(last <= first / shrink),
+          "holds": bool(agree and diff_ok and last <= first / shrink)}
+
+
+def check_node_edge_equivalence(key: jax.Array, widths: Sequence[tuple[int, int]] = ((8, 16),
+                                                                                   (64, 128)),
+                                c_tilde: float = 0.5, num_masks: int = 4000,
+                                modes: Sequence[str] = ("dmu2_prob", "dmu2_fix", "dprob", "dfix"),
+                                rel_tol: float = 0.1) -> dict[str, Any]:
+  r"""Lemma B.4 / Theorem B.5: node modes (dprob/dfix) = edge modes (dmu2_prob/dmu2_fix).
+
+  The claim: in expectation and normalised variance, for the parameter updates and the
+  output, asymptotically in the widths; the unit is linear (identity activation, the
+  lemma's "linear MLP with no softmax"). The paper's proof (eq. 111) gives a node-mode
+  weight the mask of its input node only, keep probability c~ as in the edge modes.
+  Under Alg. 3/4 as written (and as implemented, `dmu_param_masks`) the output node is
+  masked too, so a kernel entry takes part iff both its nodes are kept: c~^2. Measured
+  per mode and parameter, over `num_masks` draws, at each (d, d_ff) of `widths`:
+  `keep` (share of draws in which the entry's update is non-zero), `mean_ratio`
+  sum E[Delta] (-g) / sum g^2 and `var_ratio` sum Var[Delta] / sum g^2 (g: the
+  unmasked unit's gradient; the paper's single-layer formulas are c~ and c~(1-c~)), and
+  the output's expectation E[y] (`output_ratio`: <E[y], y_full> / |y_full|^2).
+  Compared: each node mode against its edge counterpart (dprob vs dmu2_prob, dfix vs
+  dmu2_fix): `node_over_edge` = node / edge of each quantity.
+
+  holds: every node/edge ratio of keep, mean and variance is within rel_tol of 1 at the
+  largest width (the asymptotic claim).
+  """
+  out_rows = []
+  for i, (d, d_ff) in enumerate(widths):
+    k_p, k_x, k_r, k_m = jax.random.split(jax.random.fold_in(key, i), 4)
+    params = dmu_unit_params(k_p, d, d_ff)
+    x = jax.random.normal(k_x, (4, d))
+    r = jax.random.normal(k_r, (4, d))
+    full = np.asarray(dmu_lib.mlp(params, x, identity), np.float64)
+    per_mode = {}
+    for j, mode in enumerate(modes):
+      cfg = configs.DMUConfig(c_tilde=c_tilde, mode=mode)
+      m = dmu_update_moments(cfg, params, x, r, jax.random.fold_in(k_m, j), num_masks)
+      q = {}
+      for name in dmu_lib.PARAM_NAMES:
+        g = m.grad[name]
+        q[name] = {"keep": float(m.keep[name].mean()),
+                   "mean_ratio": float(np.sum(-m.mean[name] * g) / np.sum(g * g)),
+                   "var_ratio": float(m.var[name].sum() / np.sum(g * g))}
+      q["output_ratio"] = float(np.sum(m.output_mean * full) / np.sum(full * full))
+      per_mode[mode] = q
+    ratios = {}
+    for node, edge in (("dprob", "dmu2_prob"), ("dfix", "dmu2_fix")):
+      if node in per_mode and edge in per_mode:
+        ratios[f"{node}/{edge}"] = {
+            name: {k: per_mode[node][name][k] / per_mode[edge][name][k]
+                   for k in ("keep", "mean_ratio", "var_ratio")}
+            for name in dmu_lib.PARAM_NAMES}
+        ratios[f"{node}/{edge}"]["output_ratio"] = (per_mode[node]["output_ratio"]
+                                                    / per_mode[edge]["output_ratio"])
+    out_rows.append({"d": d, "d_ff": d_ff, "modes": per_mode, "node_over_edge": ratios})
+  last = out_rows[-1]["node_over_edge"]
+  worst = max(abs(v - 1.0) for pair_ in last.values() for name, qs in pair_.items()
+              if name != "output_ratio" for v in qs.values())
+  return {"c_tilde": c_tilde, "num_masks": num_masks, "widths": out_rows,
+          "worst_relative_gap": float(worst), "holds": bool(worst <= rel_tol)}
+
+
+def hoeffding_epsilon(k: int, delta: float, width: float = 1.0) -> float:
+  """Eq. 129/130: (b - a) sqrt(ln(2 / delta) / (2 K))."""
+  return width * math.sqrt(math.log(2.0 / delta) / (2.0 * k))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _dmu_bounded_losses(config, params, x, targets, keys):
+  """l(omega) = mean over rows of 1 - softmax(DMU(x; omega))[target], in [0, 1], per key."""
+  from stabjax.models.dmu import DMU
+  module = DMU(params["wi_kernel"].shape[1], config)
+
+  def loss(key):
+    y = module.apply({"params": params}, x, deterministic=False, rngs={"dmu": key})
+    p = jax.nn.softmax(y, axis=-1)
+    return 1.0 - jnp.mean(jnp.take_along_axis(p, targets[:, None], axis=-1))
+
+  return jax.vmap(loss)(keys)
+
+
+def check_theorem_b7(key: jax.Array, ks: Sequence[int] = (1, 4, 16, 64),
+                     deltas: Sequence[float] = (0.05, 0.2), groups: int = 1000,
+                     reference: int = 50_000, c_tilde: float = 0.5, mode: str = "dfix",
+                     d: int = 16, d_ff: int = 64, z: float = 3.0, rate_tol: float = 0.15
+                     ) -> dict[str, Any]:
+  r"""Theorem B.7 as empirical coverage: |L_K - L| <= (b - a) sqrt(ln(2/delta) / 2K) w.p. >= 1 - delta.
+
+  The learner: one DMU unit (the project's `DMU` module, `mode`, c~, its own 'dmu'
+  stream; gelu), random parameters (std 1 / sqrt(fan in), scaled up 3x so the output
+  moves with the mask), a fixed batch of 8 rows and targets; the loss of one
+  stochastic pass omega is l = mean_rows (1 - softmax(y)[target]), bounded in
+  [a, b] = [0, 1] by construction. L = E_omega l is estimated from `reference`
+  independent passes (its standard error is reported and is far below every epsilon).
+  For each K and delta, `groups` independent groups of K passes: coverage = share of
+  groups with |mean - L| <= epsilon(K, delta). holds: coverage >= 1 - delta - z SE
+  (SE = sqrt(delta (1 - delta) / groups)) for every (K, delta). Also reported: the
+  (1 - delta)-quantile of |mean - L| over epsilon (how loose the bound is) and the
+  coverage with [a, b] the observed range of l (min, max over the passes), a tighter
+  bound that is still valid when the support is reached.
+
+  The bound is loose (Hoeffding ignores the variance), so coverage alone would not see
+  e.g. passes that share masks; the text's rate claim ("the variance induced by the
+  random masks vanishes at rate O(K^-1/2)") is checked too: `rate` = std of the K-pass
+  mean x sqrt(K) / std of one pass, 1 for i.i.d. passes; holds also needs
+  |rate - 1| <= rate_tol at every K.
+  """
+  cfg = configs.DMUConfig(c_tilde=c_tilde, mode=mode)
+  k_p, k_x, k_t, k_ref, k_g = jax.random.split(key, 5)
+  x = jax.random.normal(k_x, (8, d))
+  params = dmu_unit_params(k_p, d, d_ff, scale=3.0)  # the DMU module's param names
+  targets = jax.random.randint(k_t, (8,), 0, d)
+
+  def losses(k, num, chunk=20_000):
+    keys = jax.random.split(k, num)
+    return np.concatenate([np.asarray(_dmu_bounded_losses(cfg, params, x, targets,
+                                                          keys[s:s + chunk]), np.float64)
+                           for s in range(0, num, chunk)])
+
+  ref = losses(k_ref, reference)
+  big_l, ref_se = float(ref.mean()), float(ref.std() / math.sqrt(reference))
+  lo, hi = float(ref.min()), float(ref.max())
+  rows = []
+  rates = []
+  for i, k in enumerate(ks):
+    means = losses(jax.random.fold_in(k_g, i), k * groups).reshape(groups, k).mean(1)
+    dev = np.abs(means - big_l)
+    rate = float(np.sqrt(np.mean((means - big_l) ** 2) * k) / ref.std())
+    rates.append({"K": k, "rate": rate, "holds": bool(abs(rate - 1.0) <= rate_tol)})
+    for delta in deltas:
+      eps = hoeffding_epsilon(k, delta)
+      eps_obs = hoeffding_epsilon(k, delta, hi - lo)
+      se = math.sqrt(delta * (1 - delta) / groups)
+      cov = float((dev <= eps).mean())
+      rows.append({"K": k, "delta": delta, "epsilon": eps, "coverage": cov,
+                   "promised": 1.0 - delta, "se": se,
+                   "quantile_over_epsilon": float(np.quantile(dev, 1.0 - delta) / eps),
+                   "epsilon_observed_range": eps_obs,
+                   "coverage_observed_range": float((dev <= eps_obs).mean()),
+                   "holds": bool(cov >= 1.0 - delta - z * se)})
+  return {"mode": mode, "c_tilde": c_tilde, "groups": groups, "reference": reference,
+          "L": big_l, "L_se": ref_se, "loss_std": float(ref.std()), "loss_min": lo,
+          "loss_max": hi, "rows": rows, "rates": rates, "min_coverage_margin": float(min(
+              r["coverage"] - r["promised"] for r in rows)),
+          "coverage_holds": bool(all(r["holds"] for r in rows)),
+          "rate_holds": bool(all(r["holds"] for r in rates)),
+          "holds": bool(all(r["holds"] for r in rows) and all(r["holds"] for r in rates))}
+
+
+# ------------------------------------------------------------------------ DTU (Theorem B.9)
+
+
+def _spectral(a) -> float:
+  return float(np.linalg.norm(np.asarray(a, np.float64), 2))
+
+
+def check_theorem_b9(key: jax.Array, t: int = 16, d: int = 16, dk: int = 8, keep: int = 4,
+                     radius: float = 0.5, num_points: int = 8, num_pairs: int = 256,
+                     power_iters: int = 30, segment_points: int = 129,
+                     bisect_steps: int = 40, c_soft: float = 1.0) -> dict[str, Any]:
+  r"""Theorem B.9: DTU attention A(X) is Lipschitz in X; and what a set flip does.
+
+  One head of the project's DTU attention (`dtu.sampled_attention`, causal, key-norm
+  scores, `keep` = a3 of n = t keys per query), A(X) = softmax(Q_I K_I^T / sqrt(dk)) V_I
+  with Q, K, V = X W_Q, X W_K, X W_V (W std 1/sqrt(d)), X [t, d] standard normal, fixed
+  'dtu' key. Reading of the norms (the proof's eq. 150-152 work with either): matrix
+  bounds B_Q, B_K, B_V, B_X are spectral norms, differences ||A(X1) - A(X2)|| and
+  ||X1 - X2|| Frobenius; B_X = the largest ||X||_2 on the ball ||X - X0||_F <= radius
+  ||X0||_F where the constants are measured (bounded by ||X0||_2 + radius ||X0||_F).
+
+  Frozen key sets (the log scores of X0 fixed: `log_scores` passed): the measured
+  constant `L_frozen` is the largest of (i) the Jacobian's spectral norm (power
+  iteration, jvp/vjp) at X0 and at num_points - 1 random points of the ball and (ii)
+  ||A(X1) - A(X2)|| / ||X1 - X2|| over num_pairs random pairs in the ball. Against:
+  eq. 153's constant for attention over fixed sets, B_V + B_X B_V (2 B_X B_Q B_K) / sqrt(dk)
+  (`bound_eq153`), and the theorem's DTU constant eq. 155,
+  a_V B_V (1 + (2 C_soft + B_X^2 a_Q a_K B_Q B_K) / sqrt(dk)) with a_V = a_Q = a_K =
+  a3 / n (eq. 154) and C_soft (undefined in the paper: "softmax normalization
+  constants") = `c_soft` (1: the softmax Lipschitz constant of eq. 145);
+  `c_soft_needed` is the smallest C_soft for which eq. 155 covers L_frozen.
+
+  Re-drawn sets (the scores recomputed from X, as a training call does): along a
+  segment from X0 to a point of the ball's boundary, the first change of a set between
+  neighbouring points is bisected `bisect_steps` times; `flip_jump` = ||A(X_b) -
+  A(X_a)||, `flip_gap` = ||X_b - X_a||, `flip_ratio` their quotient, vs the frozen
+  quotient on the same pair.
+  holds_frozen: L_frozen <= bound_eq153; holds_eq155: L_frozen <= eq. 155's constant;
+  holds_redrawn: flip_ratio <= bound_eq153 (Lipschitz with the sets re-drawn).
+  """
+  from stabjax.configs import DTUConfig
+  from stabjax.models import dtu as dtu_lib
+  k_w, k_x, k_pts, k_pairs, k_seg, k_rng = jax.random.split(key, 6)
+  wq, wk, wv = (jax.random.normal(k, (d, dk)) / math.sqrt(d) for k in jax.random.split(k_w, 3))
+  x0 = jax.random.normal(k_x, (t, d))
+  cfg = DTUConfig(keep=keep, block_q=t)
+
+  def qkv(x):
+    return tuple((x @ w)[None, :, None, :] for w in (wq, wk, wv))  # [1, t, 1, dk]
+
+  def attend(x, log_scores, sets=False):
+    q, k, v = qkv(x)
+    ls = dtu_lib.dtu_log_scores(k, "key_norm") if log_scores is None else log_scores
+    out, idx, valid = dtu_lib.sampled_attention(k_rng, q, k, v, cfg, True, None,
+                                                return_sets=sets, log_scores=ls)
+    return (out[0, :, 0], idx, valid) if sets else out[0, :, 0]
+
+  scores_at = jax.jit(lambda x: dtu_lib.dtu_log_scores(qkv(x)[1], "key_norm"))
+  ls0 = scores_at(x0)
+  attend_with = jax.jit(attend)  # frozen: the scores passed in
+  frozen = lambda x: attend(x, ls0)
+  redrawn = jax.jit(lambda x: attend(x, None))
+
+  @jax.jit
+  def sets_at(x):  # each query's set, sorted, -1 in unused slots (slot order is immaterial)
+    _, idx, valid = attend(x, None, sets=True)
+    return jnp.sort(jnp.where(valid, idx, -1), axis=-1)
+
+  r0 = radius * float(jnp.linalg.norm(x0))
+
+  def ball_point(k):
+    u = jax.random.normal(k, x0.shape)
+    s = jax.random.uniform(jax.random.fold_in(k, 1)) ** (1.0 / x0.size)
+    return x0 + r0 * s * u / jnp.linalg.norm(u)
+
+  @jax.jit
+  def jac_norm(x, v0):
+    def body(v, _):
+      _, jv = jax.jvp(frozen, (x,), (v,))
+      _, vjp = jax.vjp(frozen, x)
+      w = vjp(jv)[0]
+      return w / jnp.linalg.norm(w), None
+    v, _ = jax.lax.scan(body, v0 / jnp.linalg.norm(v0), None, length=power_iters)
+    return jnp.linalg.norm(jax.jvp(frozen, (x,), (v,))[1])
+
+  pts = [x0] + [ball_point(k) for k in jax.random.split(k_pts, num_points - 1)]
+  jac = [float(jac_norm(p, jax.random.normal(jax.random.fold_in(k_pts, i), x0.shape)))
+         for i, p in enumerate(pts)]
+  pair_keys = jax.random.split(k_pairs, 2 * num_pairs)
+  a = jax.vmap(ball_point)(pair_keys[:num_pairs])
+  b = jax.vmap(ball_point)(pair_keys[num_pairs:])
+  fa, fb = jax.jit(jax.vmap(frozen))(a), jax.jit(jax.vmap(frozen))(b)
+  ratios = (jnp.linalg.norm((fa - fb).reshape(num_pairs, -1), axis=-1)
+            / jnp.linalg.norm((a - b).reshape(num_pairs, -1), axis=-1))
+  l_frozen = max(max(jac), float(ratios.max()))
+
+  b_q, b_k, b_v = _spectral(wq), _spectral(wk), _spectral(wv)
+  b_x = max([_spectral(p) for p in pts] + [_spectral(p) for p in np.asarray(a)]
+            + [_spectral(p) for p in np.asarray(b)])
+  b_x_bound = _spectral(x0) + r0
+  bound153 = b_v + b_x * b_v * (2.0 * b_x * b_q * b_k) / math.sqrt(dk)
+  frac = keep / t
+  l155 = lambda c: frac * b_v * (1.0 + (2.0 * c + b_x ** 2 * frac * frac * b_q * b_k)
+                                 / math.sqrt(dk))
+  c_needed = max(0.0, ((l_frozen / (frac * b_v) - 1.0) * math.sqrt(dk)
+                       - b_x ** 2 * frac * frac * b_q * b_k) / 2.0)
+
+  # A set flip along a segment, with the sets re-drawn at every point.
+  u = jax.random.normal(k_seg, x0.shape)
+  end = x0 + r0 * u / jnp.linalg.norm(u)
+  seg = lambda s: x0 + s * (end - x0)
+  same = lambda s1, s2: np.array_equal(np.asarray(sets_at(seg(s1))),
+                                       np.asarray(sets_at(seg(s2))))
+  grid = np.linspace(0.0, 1.0, segment_points)
+  flip = None
+  for lo_s, hi_s in zip(grid[:-1], grid[1:]):
+    if not same(lo_s, hi_s):
+      flip = (float(lo_s), float(hi_s))
+      break
+  out = {"t": t, "d": d, "dk": dk, "keep": keep, "radius": radius, "jacobian_norms": jac,
+         "max_pair_ratio": float(ratios.max()), "L_frozen": l_frozen, "B_Q": b_q, "B_K": b_k,
+         "B_V": b_v, "B_X": b_x, "B_X_bound": b_x_bound, "bound_eq153": bound153,
+         "c_soft": c_soft, "bound_eq155": l155(c_soft), "bound_eq155_c0": l155(0.0),
+         "c_soft_needed": c_needed, "holds_frozen": bool(l_frozen <= bound153),
+         "holds_eq155": bool(l_frozen <= l155(c_soft))}
+  if flip is None:
+    out.update(flip_found=False, holds_redrawn=True)
+    return out
+  lo_s, hi_s = flip
+  for _ in range(bisect_steps):
+    mid = 0.5 * (lo_s + hi_s)
+    if same(lo_s, mid):
+      lo_s = mid
+    else:
+      hi_s = mid
+  xa, xb = seg(lo_s), seg(hi_s)
+  gap = float(jnp.linalg.norm(xb - xa))
+  jump = float(jnp.linalg.norm(redrawn(xb) - redrawn(xa)))
+  ls_a = scores_at(xa)
+  frozen_jump = float(jnp.linalg.norm(attend_with(xb, ls_a) - attend_with(xa, ls_a)))
+  changed = int(np.sum(np.any(np.asarray(sets_at(xa)) != np.asarray(sets_at(xb)), axis=-1)))
+  out.update(flip_found=True, flip_at=[lo_s, hi_s], flip_gap=gap, flip_jump=jump,
+             flip_ratio=jump / max(gap, 1e-30), frozen_jump_same_pair=frozen_jump,
+             frozen_ratio_same_pair=frozen_jump / max(gap, 1e-30),
+             flip_changed_queries=changed, holds_redrawn=bool(jump / max(gap, 1e-30) <= bound153))
+  return out
+
+
+# ------------------------------------------------------------------------ PSU (Theorem B.1)
+
+
+def check_theorem_b1(records: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                     alpha: float, tail: int = 1000, one_tol: float = 0.1) -> dict[str, Any]:
+  r"""Theorem B.1 from PSU runs on a toy with noisy and informative batches.
+
+  `records`: one (noisy [T] bool, gamma [T], entropy [T]) per seed, the per-step batch
+  kind, the PSU's sampled precision factor gamma_t (the theorem's s_t) and the batch's
+  predictive entropy (tests/test_psu.py's toy: softmax regression, half the batches
+  pure label noise). Over the last `tail` steps of each run: mean gamma on informative
+  and on noisy batches, and their mean entropies. Readings: (1) "s_t -> 1 for noisy or
+  high-entropy batches": |mean gamma_noisy - 1| <= one_tol (`holds_noisy_to_one`);
+  (2) "s_t goes up for high-value, low-entropy batches", read as the property SPEC 6
+  asks for, gamma lower on noisy batches than on informative ones: margin
+  gamma_informative - gamma_noisy > 0 on every seed (`holds`, the tested reading).
+  """
+  rows = []
+  for noisy, gamma, entropy in records:
+    n, g, h = (np.asarray(a)[-tail:] for a in (noisy, gamma, entropy))
+    n = n.astype(bool)
+    rows.append({"gamma_informative": float(g[~n].mean()), "gamma_noisy": float(g[n].mean()),
+                 "entropy_informative": float(h[~n].mean()),
+                 "entropy_noisy": float(h[n].mean()),
+                 "margin": float(g[~n].mean() - g[n].mean())})
+  return {"alpha": alpha, "tail": tail, "seeds": rows,
+          "mean_margin": float(np.mean([r["margin"] for r in rows])),
+          "holds_noisy_to_one": bool(all(abs(r["gamma_noisy"] - 1.0) <= one_tol for r in rows)),
+          "holds": bool(all(r["margin"] > 0 for r in rows))}
+
+
+# ---------------------------------------------------------------- Theorem B.1's PSU toy
+# Softmax regression, 8 inputs, 4 classes, batches of 32. Informative batches: inputs on
+# dims 0-3, labels the argmax of a fixed teacher (learnable, so the model becomes
+# confident: low entropy). Noisy batches: inputs on dims 4-7, uniform random labels (the
+# model stays near uniform there: high entropy). Each batch is noisy with p = 1/2. Inner
+# optimizer Adam(0.05); the PSU with the config given. Shared by experiments/theory.py and
+# tests/test_psu.py / tests/test_theory.py.
+
+B1_D, B1_K, B1_B = 8, 4, 32
+B1_TEACHER = np.array([[3., 0, 0, -3], [0, 3, -3, 0], [-3, 3, 0, 0], [0, 0, 3, -3]], np.float32)
+
+
+def _b1_batch(key, noisy):
+  kx, ky = jax.random.split(key)
+  x = jax.random.normal(kx, (B1_B, 4))
+  zeros = jnp.zeros((B1_B, 4))
+  xs = jnp.where(noisy, jnp.concatenate([zeros, x], -1), jnp.concatenate([x, zeros], -1))
+  ys = jnp.where(noisy, jax.random.randint(ky, (B1_B,), 0, B1_K), jnp.argmax(x @ B1_TEACHER, -1))
+  return xs, ys
+
+
+def _b1_loss(params, x, y):
+  logits = x @ params["w"]["kernel"] + params["b"]["bias"]
+  logp = jax.nn.log_softmax(logits)
+  return -jnp.mean(jnp.take_along_axis(logp, y[:, None], -1)), logits
+
+
+@functools.lru_cache(maxsize=None)
+def _b1_runner(cfg, alpha, steps):
+  """A jitted run(seed) -> (params, opt_state, (noisy, gamma, entropy) per step).
+
+  Trains with the PSU in exact value mode (value_fn: the loss on the same batch).
+  """
+  params0 = {"w": {"kernel": jnp.zeros((B1_D, B1_K))}, "b": {"bias": jnp.zeros((B1_K,))}}
+
+  @jax.jit
+  def run(seed):
+    tx = optax.chain(optax.adam(0.05), psu_lib.psu(cfg, alpha=alpha, seed=seed))
+
+    def step(carry, key):
+      params, opt_state = carry
+      k_noisy, k_batch = jax.random.split(key)
+      noisy = jax.random.bernoulli(k_noisy, 0.5)
+      x, y = _b1_batch(k_batch, noisy)
+      (loss, logits), grads = jax.value_and_grad(_b1_loss, has_aux=True)(params, x, y)
+      entropy = feedback.predictive_entropy(logits)
+      updates, opt_state = tx.update(grads, opt_state, params, value=loss, grad=grads,
+                                     value_fn=lambda p: _b1_loss(p, x, y)[0], entropy=entropy)
+      params = optax.apply_updates(params, updates)
+      return (params, opt_state), (noisy, opt_state[1].metrics.gamma, entropy)
+
+    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1000), seed), steps)
+    (params, opt_state), rec = jax.lax.scan(step, (params0, tx.init(params0)), keys)
+    return params, opt_state, rec
+
+  return run
+
+
+def psu_toy_run(cfg, alpha: float, steps: int, seed: int = 0):
+  """(params, opt_state, (noisy, gamma, entropy) per step as NumPy) of one toy run."""
+  params, opt_state, rec = _b1_runner(cfg, alpha, steps)(jnp.int32(seed))
+  return params, opt_state, jax.tree.map(np.asarray, rec)
+
+

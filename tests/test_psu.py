@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import chex
@@ -309,65 +308,13 @@ def test_reinforce_finds_the_optimum_of_a_known_reward(baseline):
 
 
 # ----------------------------------------------------------------------------------------
-# 4. Theorem B.1 on a toy: softmax regression, D = 8 inputs, 4 classes, batches of 32.
+# 4. Theorem B.1 on a toy (stabjax.theory.psu_toy_run): softmax regression, 8 inputs, 4 classes, batches of 32.
 # Informative batches: inputs on dims 0-3, labels argmax of a fixed teacher (learnable, so the
 # model becomes confident: low entropy). Noisy batches: inputs on dims 4-7, uniform random
 # labels (the model stays near uniform there: high entropy). Each batch is noisy with p = 1/2.
 # Inner optimizer Adam(0.05); PSU with the default config except alpha, lambda and Delta.
 
-D, K, B = 8, 4, 32
-TEACHER = np.array([[3., 0, 0, -3], [0, 3, -3, 0], [-3, 3, 0, 0], [0, 0, 3, -3]], np.float32)
-
-
-def _toy_batch(key, noisy):
-  kx, ky = jax.random.split(key)
-  x = jax.random.normal(kx, (B, 4))
-  zeros = jnp.zeros((B, 4))
-  xs = jnp.where(noisy, jnp.concatenate([zeros, x], -1), jnp.concatenate([x, zeros], -1))
-  ys = jnp.where(noisy, jax.random.randint(ky, (B,), 0, K), jnp.argmax(x @ TEACHER, -1))
-  return xs, ys
-
-
-def _toy_loss(params, x, y):
-  logits = x @ params["w"]["kernel"] + params["b"]["bias"]
-  logp = jax.nn.log_softmax(logits)
-  return -jnp.mean(jnp.take_along_axis(logp, y[:, None], -1)), logits
-
-
-@functools.lru_cache(maxsize=None)
-def _toy_runner(cfg, alpha, steps):
-  """A jitted run(seed) -> (params, opt_state, (noisy, gamma, entropy) per step).
-
-  Trains with the PSU in exact value mode (value_fn: the loss on the same batch).
-  """
-  params0 = {"w": {"kernel": jnp.zeros((D, K))}, "b": {"bias": jnp.zeros((K,))}}
-
-  @jax.jit
-  def run(seed):
-    tx = optax.chain(optax.adam(0.05), psu_lib.psu(cfg, alpha=alpha, seed=seed))
-
-    def step(carry, key):
-      params, opt_state = carry
-      k_noisy, k_batch = jax.random.split(key)
-      noisy = jax.random.bernoulli(k_noisy, 0.5)
-      x, y = _toy_batch(k_batch, noisy)
-      (loss, logits), grads = jax.value_and_grad(_toy_loss, has_aux=True)(params, x, y)
-      entropy = feedback.predictive_entropy(logits)
-      updates, opt_state = tx.update(grads, opt_state, params, value=loss, grad=grads,
-                                     value_fn=lambda p: _toy_loss(p, x, y)[0], entropy=entropy)
-      params = optax.apply_updates(params, updates)
-      return (params, opt_state), (noisy, opt_state[1].metrics.gamma, entropy)
-
-    keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(1000), seed), steps)
-    (params, opt_state), rec = jax.lax.scan(step, (params0, tx.init(params0)), keys)
-    return params, opt_state, rec
-
-  return run
-
-
-def _toy_run(cfg, alpha, steps, seed=0):
-  params, opt_state, rec = _toy_runner(cfg, alpha, steps)(jnp.int32(seed))
-  return params, opt_state, jax.tree.map(np.asarray, rec)
+from stabjax.theory import psu_toy_run as _toy_run  # noqa: E402
 
 
 def test_theorem_b1_gamma_lower_on_noisy_high_entropy_batches():
