@@ -401,7 +401,7 @@ def _load_cached(config: DataConfig, spec: DataSpec, root: Path, source: _Source
   return Dataset(config=config, spec=spec, tokenizer=tok, splits=splits,
                  neg_log_freq=neg_log_freq, word_counts=word_counts,
                  validation_texts=lambda: list(source.docs(root, "validation")),
-                 cache_path=root)
+                 cache_path=_public_path(root))
 
 
 def _build_atomically(root: Path, source: _Source, complete: Callable[[Path], None]) -> None:
@@ -503,6 +503,14 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     if tmp.exists():
       tmp.unlink()
     raise
+
+
+def _public_path(path: Path):
+  """`Dataset.cache_path`: a pathlib.Path when local (rglob and friends work), else the
+  epath.Path of the cloud folder."""
+  import pathlib
+  from stabjax import paths
+  return pathlib.Path(path) if paths.is_local(path) else path
 
 
 def _rmtree_quietly(path: Path) -> None:
