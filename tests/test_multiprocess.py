@@ -21,13 +21,14 @@ import numpy as np
 import pytest
 
 from test_cli import main_cmd, run_main, summary
+from test_workdir import one_line_error
 
 # One process's view of the other: the runs are float32 and their sums differ in order
 # only (sharded over 2 processes or not): measured |diff| <= 4e-6 on losses of 5.5-6.8
 # after 30 steps; 2e-5 relative leaves room, and is far below a step's change (~0.1).
 RTOL = 2e-5
-# Fewer decoders and samples than test_cli's runs: generation's compilations dominate.
-ARGS = ("--decoders=sample,greedy", "--num_samples=4")
+# One decoder and fewer samples than test_cli's runs (about 10 of a run's 65 CPU seconds).
+ARGS = ("--decoders=sample", "--num_samples=4")
 TIMEOUT = 600
 # The files a run writes in its workdir besides checkpoints/ (process 0's alone).
 OWN_FILES = ("config.json", "metrics.jsonl", "summary.json", "samples.txt")
@@ -134,16 +135,15 @@ def runs(tmp_path_factory):
   return out
 
 
-@pytest.fixture(scope="module")
-def resumed(runs):
-  """The 2-process run's step-10 checkpoint resumed in 2 processes and in 1."""
-  root = runs["root"]
-  out = {"in_two": root / "resumed2", "in_one": root / "resumed1"}
-  for wd in out.values():
-    back_to_step(runs["two"], wd, 10)
-  run_two(out["in_two"], root / "logs-resumed2")
-  run_one(out["in_one"])
-  return out
+def resume(runs, name, run):
+  """The 2-process run's step-10 checkpoint resumed by `run` (run_one or run_two)."""
+  wd = runs["root"] / name
+  back_to_step(runs["two"], wd, 10)
+  if run is run_two:
+    run_two(wd, runs["root"] / f"logs-{name}")
+  else:
+    run_one(wd)
+  return wd
 
 
 def test_two_processes_train_like_one(runs):
@@ -192,15 +192,34 @@ def test_only_process_zero_writes_the_workdir(runs):
   assert "workdir:" in out0 and "workdir:" not in out1
 
 
-def test_checkpoint_of_two_processes_resumes_in_two_and_in_one(runs, resumed):
-  uninterrupted = summary(runs["two"])
-  # Same processes, same devices: the uninterrupted summary, bit for bit.
-  assert summary(resumed["in_two"]) == uninterrupted
+def test_checkpoint_of_two_processes_resumes_in_one(runs):
   # One process, one device (the state restored into another sharding): the same data
-  # from the restored iterator position (tokens per batch) and the same losses.
-  ref = train_rows(runs["one"])
-  got = train_rows(resumed["in_one"])
-  assert [r["step"] for r in got] == [r["step"] for r in ref]
-  assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]
-  np.testing.assert_allclose([r["nll"] for r in got], [r["nll"] for r in ref], rtol=RTOL)
-  assert summary(resumed["in_one"])["status"] == "finished"
+  # from the restored iterator position (tokens per batch) and the same losses as the
+  # uninterrupted runs.
+  wd = resume(runs, "resumed1", run_one)
+  got = train_rows(wd)
+  for ref in (train_rows(runs["one"]), train_rows(runs["two"])):
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in ref]
+    np.testing.assert_allclose([r["nll"] for r in got], [r["nll"] for r in ref], rtol=RTOL)
+  assert summary(wd)["status"] == "finished"
+
+
+@pytest.mark.slow  # 2 more processes, about 2 CPU minutes
+def test_checkpoint_of_two_processes_resumes_in_two(runs):
+  # Same processes, same devices: the uninterrupted summary, bit for bit.
+  wd = resume(runs, "resumed2", run_two)
+  assert summary(wd) == summary(runs["two"])
+
+
+@pytest.mark.parametrize("args,named", [
+    (("--coordinator_address=127.0.0.1:1234",), "--num_processes, --process_id"),
+    (("--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=2"),
+     "--process_id=2"),
+    (("--coordinator_address=localhost", "--num_processes=2", "--process_id=0"),
+     "HOST:PORT"),
+])
+def test_bad_coordinator_flags_are_one_line(tmp_path, args, named):
+  proc = run_main(tmp_path / "run", *args, timeout=120)
+  one_line_error(proc, named, "accepted")
+  assert not (tmp_path / "run").exists()
