@@ -356,8 +356,8 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
       error = WorkdirError(f"cannot create {workdir}: {e.strerror or e}")
     except WorkdirError as e:
       error = e
-  _agree(error)
   try:
+    _agree(error)
     if primary:
       _write_file(config_path, json.dumps(config, indent=2))
       if allowed:  # evaluation / logging settings changed on resume: keep a record

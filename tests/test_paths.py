@@ -9,6 +9,7 @@ every test here runs in (an empty tmp_path) and checks is still empty.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 
 import fsspec
@@ -54,6 +55,8 @@ def gcs(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   yield FakeGCS()
   FakeGCS.store.clear()
+  for protocol in FakeGCS.protocol:  # the real gcsfs again for later tests
+    importlib.import_module("fsspec.registry")._registry.pop(protocol, None)
   assert not list(tmp_path.iterdir()), "a cloud path was written as a local one"
 
 
