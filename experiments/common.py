@@ -20,7 +20,8 @@ empty value gives None) and `tuple[X, ...]` (a comma-separated list). Flag names
   section's flag (data.seq_len from --seq_len, generation.seed from --seed).
 
 Hand-written here are only the flags that are not run config: --model (which named size),
---progress, --distributed, --wandb_project and --wandb_entity.
+--progress, --compilation_cache_dir, --distributed (and its coordinator flags),
+--wandb_project and --wandb_entity.
 """
 
 from __future__ import annotations
@@ -215,8 +216,7 @@ def define_run_flags(flag_values=FLAGS) -> None:
                       f"{', '.join(MODEL_CONFIGS)}.", flag_values=flag_values)
   for s in run_settings():
     _define(s, flag_values)
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU "
-                    "pods).", flag_values=flag_values)
+  define_distributed_flags(flag_values)
   flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.", flag_values=flag_values)
   flags.DEFINE_string("compilation_cache_dir",
                       os.environ.get("STABJAX_COMPILATION_CACHE_DIR", compile_cache.DEFAULT_DIR),
@@ -229,6 +229,22 @@ def define_run_flags(flag_values=FLAGS) -> None:
                       "Unset: wandb is never imported.", flag_values=flag_values)
   flags.DEFINE_string("wandb_entity", None, "W&B entity (user or team) of --wandb_project.",
                       flag_values=flag_values)
+
+
+def define_distributed_flags(flag_values=FLAGS) -> None:
+  """--distributed and the coordinator flags of several processes (`init_distributed`)."""
+  flags.DEFINE_bool("distributed", False, "Run as one of several processes: call "
+                    "jax.distributed.initialize(), which finds the coordinator itself on TPU "
+                    "VMs and SLURM/Open MPI clusters; elsewhere also give --coordinator_address, "
+                    "--num_processes and --process_id. Every process runs the same command.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator, "
+                      "the same on every process (implies --distributed).",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with "
+                       "--coordinator_address).", flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "This process's index in 0..num_processes-1 (with "
+                       "--coordinator_address).", flag_values=flag_values)
 
 
 def fail(message: str, code: int = 2):
@@ -298,6 +314,56 @@ def build_config(F):
   return cfg
 
 
+# Accelerator plugins: with none installed (and no JAX_PLATFORMS), JAX runs on the CPU.
+_ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin")
+
+
+def _cpu_platform() -> bool:
+  """Whether JAX will run on the CPU, decided before any backend starts (initialize() must
+  come first)."""
+  import importlib.util
+  import jax
+  platforms = [p for p in (jax.config.jax_platforms or "").split(",") if p]
+  if platforms:
+    return platforms[0] == "cpu"
+  return not any(importlib.util.find_spec(m) for m in _ACCELERATOR_MODULES)
+
+
+def init_distributed(F) -> None:
+  """Join the other processes of a run (--distributed or --coordinator_address).
+
+  Without the coordinator flags `jax.distributed.initialize()` detects the cluster (TPU
+  pods, SLURM, Open MPI). On the CPU the processes' collectives go through gloo, so that
+  several processes on one machine (the tests) or CPU hosts work too.
+  """
+  explicit = {"coordinator_address": F.coordinator_address, "num_processes": F.num_processes,
+              "process_id": F.process_id}
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if not F.distributed and not given:
+    return
+  if given and len(given) < 3:
+    missing = ", ".join(f"--{k}" for k in explicit if k not in given)
+    fail(f"{', '.join(f'--{k}' for k in given)} also needs {missing}; accepted: all three "
+         f"of --coordinator_address=HOST:PORT --num_processes=N --process_id=I, or none")
+  if given:
+    host, sep, port = F.coordinator_address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+      fail(f"--coordinator_address={F.coordinator_address!r} is not accepted; accepted: "
+           f"HOST:PORT, e.g. 10.0.0.2:8476")
+    if F.num_processes < 1:
+      fail(f"--num_processes={F.num_processes} is not accepted; accepted: an integer >= 1")
+    if not 0 <= F.process_id < F.num_processes:
+      fail(f"--process_id={F.process_id} is not accepted; accepted: 0..{F.num_processes - 1}")
+  import jax
+  if _cpu_platform():
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**given)
+  except (RuntimeError, ValueError) as e:
+    fail(f"jax.distributed.initialize failed: {' '.join(str(e).split())[:300]}", code=1)
+
+
 def check_mesh(cfg) -> None:
   import jax
   try:
@@ -319,9 +385,7 @@ def prepare_run(F):
   cfg = build_config(F)
   make_logger(F)  # a missing wandb fails here, before the data is built
   compile_cache.enable(F.compilation_cache_dir)
-  if F.distributed:
-    import jax
-    jax.distributed.initialize()
+  init_distributed(F)
   check_mesh(cfg)
   try:
     dataset = load_dataset(cfg.data, seed=cfg.train.seed)
@@ -356,7 +420,11 @@ def run_and_report(cfg, dataset, workdir: str) -> dict:
                                  logger=make_logger(FLAGS))
   except (NonFiniteLossError, WorkdirError, CheckpointError) as e:
     fail(str(e), code=1)
-  workdir = os.path.abspath(workdir)
+  import jax
+  from stabjax import paths
+  if jax.process_index() != 0:  # one report, from the process that wrote the workdir
+    return summary
+  workdir = str(paths.absolute(workdir))
   if summary["status"] == "preempted":
     print(f"preempted at step {summary['step']}: checkpoint saved in {workdir}/checkpoints; "
           f"run the same command again to resume")
@@ -417,9 +485,7 @@ def base_config(F):
   cfg = build_config(F)
   make_logger(F)
   compile_cache.enable(F.compilation_cache_dir)
-  if F.distributed:
-    import jax
-    jax.distributed.initialize()
+  init_distributed(F)
   check_mesh(cfg)
   return cfg
 

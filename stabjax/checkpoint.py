@@ -4,18 +4,24 @@ Each checkpoint holds two items: 'state' (params, optimizer and PSU state, step,
 sharded, asynchronously) and 'data' (the input pipeline's position as JSON), so a resumed
 run sees exactly the batches it would have seen. `restore_latest_intact` falls back past
 a corrupt or partial newest checkpoint, moving it aside rather than deleting it.
+
+The directory may be a cloud path (gs://): it reaches orbax unchanged. With several
+processes every one calls save and restore (orbax coordinates them); process 0 alone moves
+a corrupt checkpoint aside while the others wait at a barrier.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import threading
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+from stabjax import paths
 
 
 class CheckpointError(RuntimeError):
@@ -25,8 +31,8 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
   """A thin `ocp.CheckpointManager` wrapper: save / restore latest / preemption."""
 
-  def __init__(self, directory: str, keep: int = 3):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, keep: int = 3):
+    self.directory = str(paths.absolute(directory))
     self._keep = keep
     self._manager = self._open()
 
@@ -70,15 +76,18 @@ class Checkpointer:
     return None, None, None
 
   def _move_aside(self, step: int) -> str:
-    aside_root = self.directory + "_corrupt"
-    os.makedirs(aside_root, exist_ok=True)
-    target, n = os.path.join(aside_root, str(step)), 1
-    while os.path.exists(target):
-      target, n = os.path.join(aside_root, f"{step}.{n}"), n + 1
+    aside_root = epath.Path(self.directory + "_corrupt")
+    target, n = aside_root / str(step), 1
+    while target.exists():
+      target, n = aside_root / f"{step}.{n}", n + 1
     self._manager.close()
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_index() == 0:
+      aside_root.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(target)
+    if jax.process_count() > 1:  # the others must not list the step before it moved
+      multihost_utils.sync_global_devices(f"stabjax_move_aside_{step}")
     self._manager = self._open()  # forget the moved step
-    return target
+    return str(target)
 
   def save(self, step: int, state: Any, data_state: dict) -> None:
     """Saves asynchronously; CheckpointError (one line) when this or the previous save

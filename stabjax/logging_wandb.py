@@ -14,11 +14,13 @@ wandb is imported by `import_wandb`, called only when a logger is made: without
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from stabjax import paths
 
 ID_FILE = "wandb_id"
 
@@ -37,17 +39,15 @@ def import_wandb():
 
 def run_id(workdir: str) -> str:
   """The wandb run id stored in WORKDIR/wandb_id, made (and stored) on the first call."""
-  path = os.path.join(workdir, ID_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = f.read().strip()
+  path = epath.Path(workdir) / ID_FILE  # a gs:// workdir too
+  if path.exists():
+    stored = path.read_text().strip()
     if stored:
       return stored
   new = uuid.uuid4().hex[:12]
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(new + "\n")
-  os.replace(tmp, path)
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_text(new + "\n")
+  tmp.rename(path)
   return new
 
 
@@ -104,7 +104,7 @@ class WandbLogger:
       return writer
     self._run = self._wandb.init(project=self.project, entity=self.entity,
                                  id=run_id(workdir), resume="allow",
-                                 name=os.path.basename(os.path.abspath(workdir)),
+                                 name=paths.absolute(workdir).name,
                                  dir=workdir, config=config)
     return _Mirror(writer, self._wandb, self._run)
 

@@ -5,15 +5,25 @@ Its workdir holds config.json, metrics.jsonl, TensorBoard events under tb/, chec
 and summary.json. A workdir with checkpoints resumes from the latest one; SIGTERM saves a
 checkpoint and returns cleanly; a non-finite loss raises `NonFiniteLossError` before
 anything bad is saved.
+
+Several processes (`jax.distributed`): every process runs this same code and takes part
+in every collective (train and eval steps, generation, orbax save and restore), feeding
+its own rows of each batch; only process 0 writes config.json, metrics.jsonl,
+resumes.jsonl, samples.txt, summary.json and the TensorBoard events, and only process 0
+holds the workdir lock. The workdir may be a cloud path (gs://): every file goes through
+`etils.epath`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -21,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from etils import epath
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
-from stabjax import degeneration, sharding, throughput
+from stabjax import degeneration, paths, sharding, throughput
 from stabjax.checkpoint import Checkpointer, SigtermFlag
 from stabjax.data import make_iterator
 from stabjax.optim import lr_schedule
@@ -38,20 +50,42 @@ def config_to_dict(cfg: RunConfig) -> dict:
   return dataclasses.asdict(cfg)
 
 
-class MetricWriter:
-  """metrics.jsonl (one JSON object per logged step) plus TensorBoard scalars."""
+def is_primary() -> bool:
+  """Process 0: the one that writes the workdir's files when several processes run."""
+  return jax.process_index() == 0
 
-  def __init__(self, workdir: str, resume_step: int):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    rows = read_jsonl(self.path)
-    # A resumed run replays the steps after its checkpoint: drop what it will log again
-    # (rewritten through a temporary file: a full disk must not lose the kept rows).
-    _write_file(self.path, "".join(json.dumps(r) + "\n" for r in rows
-                                   if r["step"] <= resume_step))
-    self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_step + 1)
+
+class MetricWriter:
+  """metrics.jsonl (one JSON object per logged step) plus TensorBoard scalars.
+
+  `rows` holds the run's history (kept rows of a resumed run, then every row written) in
+  every process; only a writer with `write_files` (process 0) touches the files.
+  TensorBoard events of a cloud workdir are written to a local folder and copied to
+  WORKDIR/tb by `sync` (tensorboardX's own gs:// writer needs google-cloud-storage and
+  re-uploads the whole file at every flush anyway).
+  """
+
+  def __init__(self, workdir, resume_step: int, write_files: bool = True):
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    # A resumed run replays the steps after its checkpoint: drop what it will log again.
+    self.rows = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
+    self._write_files = write_files
+    self._tb = self._tb_local = None
+    if not write_files:
+      return
+    # Rewritten through a temporary file: a full disk must not lose the kept rows.
+    _write_file(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+    self._tb_dir = epath.Path(workdir) / "tb"
+    if not paths.is_local(self._tb_dir):
+      self._tb_local = tempfile.mkdtemp(prefix="stabjax-tb-")
+    self._tb = SummaryWriter(self._tb_local or os.fspath(self._tb_dir),
+                             purge_step=resume_step + 1)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     row = {"step": step, **{k: _to_py(v) for k, v in scalars.items()}}
+    self.rows.append(row)
+    if not self._write_files:
+      return
     _append_line(self.path, json.dumps(row))
     for k, v in row.items():
       if k != "step" and isinstance(v, (int, float)):
@@ -59,18 +93,35 @@ class MetricWriter:
 
   def write_texts(self, step: int, texts: dict[str, str]) -> None:
     """TensorBoard text (e.g. sample continuations); not in metrics.jsonl."""
+    if self._tb is None:
+      return
     for tag, text in texts.items():
       self._tb.add_text(tag, text, step)
 
+  def sync(self) -> None:
+    """Copy the local TensorBoard events of a cloud workdir to WORKDIR/tb."""
+    if self._tb_local is None:
+      return
+    self._tb.flush()
+    self._tb_dir.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(self._tb_local):
+      with open(os.path.join(self._tb_local, name), "rb") as f:
+        (self._tb_dir / name).write_bytes(f.read())
+
   def close(self) -> None:
+    if self._tb is None:
+      return
     self._tb.close()
+    self.sync()
+    if self._tb_local is not None:
+      shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
-def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
+def read_jsonl(path) -> list[dict]:
+  path = epath.Path(path)
+  if not path.exists():
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _to_py(v):
@@ -182,15 +233,19 @@ class WorkdirLock:
   """An exclusive `flock` on WORKDIR/.lock while a run trains there.
 
   The kernel drops the lock when the process dies, so a killed run never leaves it stuck.
-  (flock needs a local or NFS file system; cloud paths are not locked.)
+  flock needs a local or NFS file system: a cloud workdir (gs://) is not locked, as object
+  stores have no lock that a dead process releases. With several processes only process
+  0 takes it (`train_and_evaluate`): the others are the same run, not a second one.
   """
 
-  def __init__(self, workdir: str):
-    self.workdir = workdir
+  def __init__(self, workdir):
+    self.workdir = os.fspath(workdir)
     self._file = None
 
   def __enter__(self) -> "WorkdirLock":
     import fcntl
+    if not paths.is_local(self.workdir):
+      return self
     f = open(os.path.join(self.workdir, ".lock"), "a+")
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -209,29 +264,52 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     import fcntl
+    if self._file is None:
+      return
     fcntl.flock(self._file, fcntl.LOCK_UN)
     self._file.close()
 
 
-def _write_file(path: str, text: str) -> None:
+def _write_file(path, text: str) -> None:
   """Write `text` to `path` through a temporary file, so a full disk never leaves half a
   file; WorkdirError (one line) when it cannot be written."""
-  tmp = path + ".tmp"
+  path = epath.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
   try:
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
+    tmp.write_text(text)
+    tmp.replace(path)
   except OSError as e:
-    raise WorkdirError(f"cannot write {path}: {e.strerror}; free disk space or fix "
+    raise WorkdirError(f"cannot write {path}: {e.strerror or e}; free disk space or fix "
                        f"permissions, then run the same command again") from None
 
 
-def _append_line(path: str, line: str) -> None:
+def _append_line(path, line: str) -> None:
+  path = epath.Path(path)
   try:
-    with open(path, "a") as f:
-      f.write(line + "\n")
+    if paths.is_local(path):
+      with path.open("a") as f:
+        f.write(line + "\n")
+    else:  # object stores cannot append: rewrite the object
+      old = path.read_text() if path.exists() else ""
+      path.write_text(old + line + "\n")
   except OSError as e:
-    raise WorkdirError(f"cannot write {path}: {e.strerror}") from None
+    raise WorkdirError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _agree(error: "WorkdirError | None") -> None:
+  """Raise `error` in this process, and a WorkdirError in every other one, when any process
+  failed a check: several processes must all stop, or all go on to the first collective."""
+  if jax.process_count() == 1:
+    if error is not None:
+      raise error
+    return
+  failed = multihost_utils.process_allgather(np.int32(error is not None))
+  if error is not None:
+    raise error
+  if np.any(failed):
+    bad = [int(i) for i in np.flatnonzero(failed)]
+    raise WorkdirError(f"process {bad[0]} of this run stopped (see its error); this process "
+                       f"stops too")
 
 
 def _close_quietly(ckpt: Checkpointer, writer: "MetricWriter | None") -> None:
@@ -257,35 +335,60 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
   """
   cfg = resolve_feedback_target(cfg, dataset)
   config = json.loads(json.dumps(config_to_dict(cfg)))
-  config_path = os.path.join(workdir, "config.json")
+  workdir = epath.Path(workdir)
+  config_path = workdir / "config.json"
   allowed: dict[str, list] = {}
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      refused, allowed = config_changes(json.load(f), config)
+  primary = is_primary()
+  # Every process reads config.json (process 0 replaces it atomically, and only after
+  # its own check passed), so all of them refuse, or none.
+  if config_path.exists():
+    refused, allowed = config_changes(json.loads(config_path.read_text()), config)
     if refused:
       raise WorkdirError(
           f"{workdir} holds a run with other training settings ("
           + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
           + "); resume it with its own flags or use another --workdir")
+  lock, error = WorkdirLock(workdir), None
+  if primary:
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+      lock.__enter__()
+    except OSError as e:
+      error = WorkdirError(f"cannot create {workdir}: {e.strerror or e}")
+    except WorkdirError as e:
+      error = e
   try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise WorkdirError(f"cannot create {workdir}: {e.strerror}") from None
-  with WorkdirLock(workdir):
-    _write_file(config_path, json.dumps(config, indent=2))
-    if allowed:  # evaluation / logging settings changed on resume: keep a record
-      _append_line(os.path.join(workdir, "resumes.jsonl"), json.dumps(
-          {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": allowed}))
+    _agree(error)
+    if primary:
+      _write_file(config_path, json.dumps(config, indent=2))
+      if allowed:  # evaluation / logging settings changed on resume: keep a record
+        _append_line(workdir / "resumes.jsonl", json.dumps(
+            {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": allowed}))
     return _train(cfg, workdir, dataset, show_progress, logger)
+  finally:
+    lock.__exit__(None, None, None)
 
 
-def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool, logger=None
+def generation_params(params):
+  """The parameters generation uses: as they are with one process; with several, a full
+  copy on each process's first local device (an all-gather every process joins), since
+  generation takes local prompts and returns host arrays (each process computes the same
+  samples)."""
+  if jax.process_count() == 1:
+    return params
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+  gathered = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
+  return jax.tree.map(lambda x: x.addressable_data(0), gathered)
+
+
+def _train(cfg: RunConfig, workdir: epath.Path, dataset, show_progress: bool, logger=None
            ) -> dict[str, Any]:
   t = cfg.train
   trainer = Trainer.create(cfg, special_ids(dataset.tokenizer))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+  ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
   iterator_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
   writer = None
+  primary = is_primary()
   try:
     start, state, data_state = ckpt.restore_latest_intact(
         trainer.abstract_state, trainer.state_shardings,
@@ -294,9 +397,9 @@ def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool, logger=No
       state, start = trainer.init_state(), 0
     train_it = make_iterator(dataset, "train", t.batch_size, t.seed, state=data_state,
                              **iterator_kw)
-    writer = MetricWriter(workdir, resume_step=start)
+    writer = MetricWriter(workdir, resume_step=start, write_files=primary)
     if logger is not None:
-      writer = logger.attach(writer, workdir, config_to_dict(cfg))
+      writer = logger.attach(writer, str(workdir), config_to_dict(cfg))
     step, status, state = _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start,
                                 show_progress)
   except BaseException:
@@ -305,16 +408,17 @@ def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool, logger=No
   ckpt.close()
   writer.close()
 
-  summary = {"status": status, "step": step, "workdir": os.path.abspath(workdir),
-             "history": read_jsonl(writer.path)}
+  summary = {"status": status, "step": step, "workdir": str(paths.absolute(workdir)),
+             "history": writer.rows}
   texts = None
   if status == "finished":
     summary.update(final_summary(summary["history"]))
-    gen_metrics, texts = degeneration.measure(trainer.model, state.params, dataset,
-                                              cfg.generation)
+    gen_metrics, texts = degeneration.measure(trainer.model, generation_params(state.params),
+                                              dataset, cfg.generation)
     summary["generation"] = gen_metrics
-    _write_file(os.path.join(workdir, "samples.txt"), degeneration.format_samples(texts))
-    _write_file(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+    if primary:
+      _write_file(workdir / "samples.txt", degeneration.format_samples(texts))
+      _write_file(workdir / "summary.json", json.dumps(summary, indent=2))
   if logger is not None:
     logger.finish(summary, texts)
   return summary
@@ -329,7 +433,13 @@ def _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start, show_prog
   tokens_per_step = t.batch_size * t.seq_len
   flops_per_token, _ = throughput.model_flops_per_token(cfg.model, t.seq_len)
   peak = throughput.peak_tflops()
-  with SigtermFlag() as sigterm, tqdm.tqdm(total=t.steps, initial=start, desc="train",
+  # One progress bar, process 0's.
+  show_progress = show_progress and is_primary()
+  # With several processes a SIGTERM reaches each at a different step: only orbax's
+  # preemption notice (jax.distributed's sync manager, which catches SIGTERM itself) stops
+  # them all at the same step.
+  sigterm_flag = SigtermFlag() if jax.process_count() == 1 else contextlib.nullcontext(False)
+  with sigterm_flag as sigterm, tqdm.tqdm(total=t.steps, initial=start, desc="train",
                                            disable=not show_progress, unit="step") as bar:
     last_time = time.perf_counter()
     while step < t.steps:
@@ -358,7 +468,8 @@ def _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start, show_prog
       if step % t.eval_every == 0 or step == t.steps:
         row = evaluate(trainer, state.params, dataset, cfg)
         if cfg.generation.eval_gen_prompts:
-          gen, shown = evaluate_generation(trainer, state.params, dataset, cfg)
+          gen, shown = evaluate_generation(trainer, generation_params(state.params), dataset,
+                                           cfg)
           row.update(gen)
           writer.write_texts(step, shown)
         writer.write(step, row)
@@ -369,6 +480,7 @@ def _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start, show_prog
               f"non-finite parameters after step {step}; not saved; the last good checkpoint is "
               f"step {ckpt.latest_step()} in {ckpt.directory}")
         ckpt.save(step, state, train_it.state.to_dict())
+        writer.sync()
       if stop:
         status = "preempted"
         break

@@ -21,6 +21,10 @@ A first build happens in a temporary folder that is renamed into place at the en
 failure (e.g. a vocabulary the corpus cannot support) leaves nothing behind; every later
 addition (another vocabulary or sequence length) is written to a temporary file and
 renamed. All input is validated before anything is written.
+
+`cache_dir` may be a cloud path (gs://, shared by every host of a pod): the cache is read
+and written through `etils.epath`; local packed rows are memory-mapped, cloud ones read
+into memory.
 """
 
 from __future__ import annotations
@@ -31,16 +35,15 @@ import difflib
 import hashlib
 import importlib
 import itertools
+import io
 import json
-import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
+from etils.epath import Path
 
 from stabjax.data import synthetic as synthetic_lib
 from stabjax.data import tokenizer as tokenizer_lib
@@ -233,7 +236,7 @@ def _load_text(config: DataConfig, spec: DataSpec) -> Dataset:
   files = text_builder.resolve_files(spec.path)
   key = _hash(text_builder.content_hash(files), config.validation_fraction,
               config.text_split, text_builder.StabjaxText.VERSION, CACHE_FORMAT)
-  root = Path(config.cache_path) / f"text-{key[:16]}"
+  root = epath.Path(config.cache_path) / f"text-{key[:16]}"
   documents: dict[str, list[str]] = {}
 
   if not root.is_dir():
@@ -304,7 +307,7 @@ def _load_tfds(config: DataConfig, spec: DataSpec) -> Dataset:
               str(builder.version), config.text_feature, val_split, limit,
               config.validation_fraction if val_split is None else None, CACHE_FORMAT)
   label = spec.tfds_id.replace("/", "-").replace(":", "-")
-  root = Path(config.cache_path) / f"tfds-{label}-{key[:12]}"
+  root = epath.Path(config.cache_path) / f"tfds-{label}-{key[:12]}"
   sources = builder.as_data_source()
   carved: dict[str, list[str]] = {}
 
@@ -381,16 +384,15 @@ def _load_cached(config: DataConfig, spec: DataSpec, root: Path, source: _Source
   else:
     _build_atomically(root, source, complete)
 
-  tok = tokenizer_lib.SentencePieceTokenizer.load(root / tok_dir / "tokenizer.model")
-  splits = {s: Split(np.load(root / tok_dir / f"{s}-T{config.seq_len}.npy", mmap_mode="r"),
+  tok = _load_tokenizer(root / tok_dir / "tokenizer.model")
+  splits = {s: Split(_load_npy(root / tok_dir / f"{s}-T{config.seq_len}.npy", mmap=True),
                      tok.pad_id) for s in SPLITS}
-  neg_log_freq = np.load(root / tok_dir / "neg_log_freq.npy")
+  neg_log_freq = _load_npy(root / tok_dir / "neg_log_freq.npy")
 
   def word_counts() -> collections.Counter:
     path = root / "word_counts.json"
     if path.exists():
-      with open(path) as f:
-        return collections.Counter(json.load(f))
+      return collections.Counter(json.loads(path.read_text()))
     counts = collections.Counter()
     for doc in source.docs(root, "train"):
       counts.update(text_words(doc))
@@ -400,7 +402,7 @@ def _load_cached(config: DataConfig, spec: DataSpec, root: Path, source: _Source
   return Dataset(config=config, spec=spec, tokenizer=tok, splits=splits,
                  neg_log_freq=neg_log_freq, word_counts=word_counts,
                  validation_texts=lambda: list(source.docs(root, "validation")),
-                 cache_path=root)
+                 cache_path=_public_path(root))
 
 
 def _build_atomically(root: Path, source: _Source, complete: Callable[[Path], None]) -> None:
@@ -408,7 +410,8 @@ def _build_atomically(root: Path, source: _Source, complete: Callable[[Path], No
   parent = root.parent
   made_parent = not parent.exists()
   parent.mkdir(parents=True, exist_ok=True)
-  work = Path(tempfile.mkdtemp(prefix=f".tmp-{root.name}-", dir=parent))
+  work = parent / f".tmp-{root.name}-{uuid.uuid4().hex}"
+  work.mkdir()
   try:
     if source.build is not None:
       source.build(work)
@@ -416,14 +419,14 @@ def _build_atomically(root: Path, source: _Source, complete: Callable[[Path], No
     if source.manifest is not None:
       _atomic_write_bytes(work / "manifest.json", json.dumps(source.manifest, indent=1).encode())
     try:
-      os.rename(work, root)
+      work.rename(root)
     except OSError:
       if not root.is_dir():
         raise
-      shutil.rmtree(work, ignore_errors=True)  # another process built it first
+      _rmtree_quietly(work)  # another process built it first
       complete(root)
   except BaseException:
-    shutil.rmtree(work, ignore_errors=True)
+    _rmtree_quietly(work)
     if made_parent:
       try:
         parent.rmdir()
@@ -445,7 +448,7 @@ def _ensure_tokenized(config: DataConfig, folder: Path, tok_dir: Path, source: _
                                                 config.vocab_size, config.tokenizer_type)
     tok_dir.mkdir(exist_ok=True)
     _atomic_write_bytes(model_path, proto)
-  tok = tokenizer_lib.SentencePieceTokenizer.load(model_path)
+  tok = _load_tokenizer(model_path)
   for split in SPLITS:
     path = tok_dir / f"{split}-T{config.seq_len}.npy"
     if not path.exists():
@@ -453,7 +456,7 @@ def _ensure_tokenized(config: DataConfig, folder: Path, tok_dir: Path, source: _
       _atomic_write(path, lambda f, rows=rows: np.save(f, rows))
   freq_path = tok_dir / "neg_log_freq.npy"
   if not freq_path.exists():
-    train = np.load(tok_dir / f"train-T{config.seq_len}.npy", mmap_mode="r")
+    train = _load_npy(tok_dir / f"train-T{config.seq_len}.npy", mmap=True)
     freq = neg_log_frequency(train, train != tok.pad_id, tok.vocab_size)
     _atomic_write(freq_path, lambda f: np.save(f, freq))
 
@@ -494,12 +497,40 @@ def _hash(*parts) -> str:
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
   tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
   try:
-    with open(tmp, "wb") as f:
+    with tmp.open("wb") as f:
       write(f)
-    os.replace(tmp, path)
+    tmp.replace(path)
   except BaseException:
-    tmp.unlink(missing_ok=True)
+    if tmp.exists():
+      tmp.unlink()
     raise
+
+
+def _public_path(path: Path):
+  """`Dataset.cache_path`: a pathlib.Path when local (rglob and friends work), else the
+  epath.Path of the cloud folder."""
+  import pathlib
+  from stabjax import paths
+  return pathlib.Path(path) if paths.is_local(path) else path
+
+
+def _rmtree_quietly(path: Path) -> None:
+  try:
+    path.rmtree()
+  except OSError:
+    pass
+
+
+def _load_tokenizer(path: Path) -> tokenizer_lib.SentencePieceTokenizer:
+  return tokenizer_lib.SentencePieceTokenizer(path.read_bytes())
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
+  """A .npy file: memory-mapped when local and `mmap`, else read (cloud paths)."""
+  from stabjax import paths
+  if paths.is_local(path):
+    return np.load(path, mmap_mode="r" if mmap else None)
+  return np.load(io.BytesIO(path.read_bytes()))
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

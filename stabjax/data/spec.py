@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 import typing
 from typing import Literal
 
@@ -195,8 +194,10 @@ class DataConfig:
 
   @property
   def cache_path(self) -> str:
-    """`cache_dir` with '~' and environment variables expanded, absolute."""
-    return os.path.abspath(os.path.expandvars(os.path.expanduser(self.cache_dir)))
+    """`cache_dir` with '~' and environment variables expanded, absolute; a cloud path
+    (gs://...) as given."""
+    from stabjax import paths
+    return str(paths.absolute(self.cache_dir))
 
   def replace(self, **kw) -> "DataConfig":
     return dataclasses.replace(self, **kw)

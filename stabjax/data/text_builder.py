@@ -34,7 +34,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from stabjax import paths
 from stabjax.data.spec import TEXT_SPLITS, DataError
 
 BUILDER_NAME = "stabjax_text"
@@ -42,7 +44,11 @@ _BLANK_LINE = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
 def resolve_files(path_or_glob: str) -> list[str]:
-  """The sorted regular files a `text:` path or glob names; DataError if there are none."""
+  """The sorted regular files a `text:` path or glob names; DataError if there are none.
+
+  A cloud path or glob (gs://bucket/books/*.txt) is listed through `etils.epath`."""
+  if not paths.is_local(path_or_glob):
+    return _resolve_cloud_files(path_or_glob)
   path = os.path.expanduser(path_or_glob)
   if glob.has_magic(path):
     files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
@@ -59,10 +65,29 @@ def resolve_files(path_or_glob: str) -> list[str]:
   return [os.path.abspath(path)]
 
 
+def _resolve_cloud_files(path_or_glob: str) -> list[str]:
+  if glob.has_magic(path_or_glob):
+    parts = path_or_glob.split("/")
+    fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    root = epath.Path("/".join(parts[:fixed]))
+    files = sorted(str(f) for f in root.glob("/".join(parts[fixed:])) if f.is_file())
+    if not files:
+      raise DataError(f"text:{path_or_glob}: the glob matched no files; check the pattern "
+                      f"(quote it so the shell does not expand it)")
+    return files
+  path = epath.Path(path_or_glob)
+  if not path.exists():
+    raise DataError(f"text:{path_or_glob}: no such file; give an existing file or a glob "
+                    f"such as 'text:gs://bucket/corpus/*.txt'")
+  if path.is_dir():
+    raise DataError(f"text:{path_or_glob} is a directory; give a glob such as "
+                    f"'text:{path_or_glob.rstrip('/')}/*.txt'")
+  return [str(path)]
+
+
 def read_text_file(path: str) -> str:
   """The UTF-8 text of a file with '\\n' line ends; DataError if empty or not UTF-8."""
-  with open(path, "rb") as f:
-    raw = f.read()
+  raw = epath.Path(path).read_bytes()
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -127,8 +152,7 @@ def content_hash(files: Sequence[str]) -> str:
   """sha256 over the files' contents in order (names do not matter)."""
   h = hashlib.sha256()
   for f in files:
-    with open(f, "rb") as fh:
-      h.update(hashlib.sha256(fh.read()).digest())
+    h.update(hashlib.sha256(epath.Path(f).read_bytes()).digest())
   return h.hexdigest()
 
 
