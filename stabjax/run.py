@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import typing
 from typing import Any
 
 import jax
@@ -219,10 +220,29 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def with_new_defaults(old: dict, cls: type = RunConfig) -> dict:
+  """A config.json dict with the settings it predates filled in at their defaults.
+
+  A workdir written before a setting existed lacks its key; it trained with what is now
+  that setting's default, so it compares equal to a config at the default (and differs
+  from one that sets it otherwise)."""
+  out = dict(old)
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    t = hints[f.name]
+    if f.name in out:
+      if dataclasses.is_dataclass(t) and isinstance(out[f.name], dict):
+        out[f.name] = with_new_defaults(out[f.name], t)
+    elif f.default is not dataclasses.MISSING:
+      value = dataclasses.asdict(f.default) if dataclasses.is_dataclass(f.default) else f.default
+      out[f.name] = json.loads(json.dumps(value))
+  return out
+
+
 def config_changes(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, list]]:
   """(refused, allowed) differences between two config.json dicts, as {dotted key: (old,
   new)}: allowed are those under `RESUMABLE`, refused every other (training) setting."""
-  a, b = _flatten(old), _flatten(new)
+  a, b = _flatten(with_new_defaults(old)), _flatten(new)
   diff = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
   resumable = lambda k: any(k == r or k.startswith(r + ".") for r in RESUMABLE)  # noqa: E731
   return ({k: v for k, v in diff.items() if not resumable(k)},

@@ -162,8 +162,9 @@ def _configs(run_dir: str, to_dict, cfg, ignore_vocab: bool) -> tuple[dict | Non
   new = _jsonable(to_dict(cfg))
   if not os.path.exists(path):
     return None, new
+  from stabjax.run import with_new_defaults
   with open(path) as f:
-    old = json.load(f)
+    old = with_new_defaults(json.load(f))
   if ignore_vocab:
     # The tokenizer's vocabulary is only known after loading the data; compare the rest.
     old = {**old, "model": {**old["model"], "vocab_size": None}}

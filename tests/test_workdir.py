@@ -159,3 +159,23 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_intact(tmp_path):
   proc = run_main(wd)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert sys.platform != "win32"
+
+
+def test_a_workdir_written_before_a_setting_existed_resumes_at_its_default(tmp_path, finished):
+  """config.json without a key (a setting added since): equal at the default, refused
+  when the new run sets it otherwise."""
+  wd, ref = finished
+  import json
+  import shutil
+  copy = tmp_path / "old"
+  shutil.copytree(wd, copy)
+  with open(copy / "config.json") as f:
+    config = json.load(f)
+  del config["data"]["text_split"]
+  with open(copy / "config.json", "w") as f:
+    json.dump(config, f)
+  proc = run_main(copy)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert summary(copy)["history"] == ref["history"]
+  refused = run_main(copy, "--text_split=line")
+  one_line_error(refused, "data.text_split")
