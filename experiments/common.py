@@ -132,7 +132,8 @@ def build_config(F, **overrides):
         dmu=configs.DMUConfig(enabled=F.dmu, c_tilde=F.c_tilde, mode=F.dmu_mode,
                               rescale=F.dmu_rescale),
         dtu=configs.DTUConfig(enabled=F.dtu, keep=F.dtu_keep, scores=F.dtu_scores))
-    if F.seq_len > model.max_len:
+    # --init_from (experiments/main.py): the checkpoint's positions bound it there instead.
+    if F.seq_len > model.max_len and not getattr(F, "init_from", None):
       fail(f"--seq_len={F.seq_len} exceeds {F.model}'s {model.max_len} positions; accepted: "
            f"2..{model.max_len}")
     train = configs.TrainConfig(
@@ -198,11 +199,12 @@ def prepare_run(F):
   return cfg, dataset
 
 
-def run_and_report(cfg, dataset, workdir: str) -> dict:
+def run_and_report(cfg, dataset, workdir: str, init_params=None) -> dict:
   from stabjax.checkpoint import CheckpointError
   from stabjax.run import NonFiniteLossError, WorkdirError, train_and_evaluate
   try:
-    summary = train_and_evaluate(cfg, workdir, dataset, show_progress=FLAGS.progress)
+    summary = train_and_evaluate(cfg, workdir, dataset, show_progress=FLAGS.progress,
+                                 init_params=init_params)
   except (NonFiniteLossError, WorkdirError, CheckpointError) as e:
     fail(str(e), code=1)
   workdir = os.path.abspath(workdir)

@@ -244,15 +244,16 @@ def _close_quietly(ckpt: Checkpointer, writer: "MetricWriter | None") -> None:
         pass
 
 
-def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: bool = True
-                       ) -> dict[str, Any]:
+def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: bool = True,
+                       init_params: Any = None) -> dict[str, Any]:
   """Train (or resume) in `workdir`; returns the summary also written to summary.json.
 
   Guards (each a one-line error, nothing of the earlier run changed): `WorkdirError` when
   the workdir holds a run with other training settings (`config_changes`) or another live
   run holds its lock, or a file cannot be written; `CheckpointError` when no checkpoint
   restores or one cannot be written. A corrupt newest checkpoint is moved aside with a
-  warning and the run resumes from the one before.
+  warning and the run resumes from the one before. `init_params` (the weights of
+  `cfg.init_from`) replace the random init of a fresh run (`Trainer.create`).
   """
   cfg = resolve_feedback_target(cfg, dataset)
   config = json.loads(json.dumps(config_to_dict(cfg)))
@@ -275,12 +276,13 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
     if allowed:  # evaluation / logging settings changed on resume: keep a record
       _append_line(os.path.join(workdir, "resumes.jsonl"), json.dumps(
           {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": allowed}))
-    return _train(cfg, workdir, dataset, show_progress)
+    return _train(cfg, workdir, dataset, show_progress, init_params)
 
 
-def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool) -> dict[str, Any]:
+def _train(cfg: RunConfig, workdir: str, dataset, show_progress: bool,
+           init_params: Any = None) -> dict[str, Any]:
   t = cfg.train
-  trainer = Trainer.create(cfg, special_ids(dataset.tokenizer))
+  trainer = Trainer.create(cfg, special_ids(dataset.tokenizer), init_params=init_params)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
   iterator_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
   writer = None
