@@ -72,6 +72,19 @@ def load_tokenizer(cfg: RunConfig):
                      model_type=cfg.model.arch)
 
 
+def run_tokenizer(cfg: RunConfig):
+  """The run's tokenizer without loading its data where it can: the HF tokenizer of
+  `init_from`, the synthetic language's word tokenizer, else (text/tfds) the
+  SentencePiece model of the dataset cache."""
+  tok = load_tokenizer(cfg)
+  if tok is not None:
+    return tok
+  if cfg.data.data_spec.kind == "synthetic":
+    from stabjax.data.tokenizer import PseudoWordTokenizer
+    return PseudoWordTokenizer(cfg.data.synthetic_vocab_size)
+  return load_run_dataset(cfg).tokenizer
+
+
 def load_run_dataset(cfg: RunConfig):
   """The run's dataset, tokenized as in training (DataError / ValueError on a problem)."""
   from stabjax.data import load_dataset
