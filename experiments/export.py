@@ -7,9 +7,10 @@ OUT gets config.json and model.safetensors, which `transformers.AutoModelForCaus
 stabjax model in evaluation mode: the DMU's evaluation-time weight scaling (keep
 probability p per masked quantity, unless --dmu_rescale) is folded into the MLP weights
 (`stabjax.models.hf.fold_dmu_eval`); the DTU evaluates as exact attention. The
-tokenizer: a run started with --init_from gets its Hugging Face tokenizer files copied;
-a SentencePiece run gets tokenizer.model (SentencePiece's own format; transformers
-does not load it as is); synthetic data has no exportable tokenizer.
+tokenizer (`stabjax.data.tokenizer.export_hf_tokenizer`): a run started with
+--init_from gets its Hugging Face tokenizer files copied; a SentencePiece run gets
+tokenizer.json converted from it (checked to encode alike; `AutoTokenizer` loads it)
+and its tokenizer.model; synthetic data has no exportable tokenizer.
 stabjax_export.json records the source run, step and what was exported.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 from absl import app, flags
@@ -33,23 +33,6 @@ flags.DEFINE_string("out", None, "Directory to write the Hugging Face checkpoint
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 
-def export_tokenizer(cfg, tok, out: str) -> str:
-  """Writes what can be written of the run's tokenizer to `out`; what it was."""
-  from stabjax.data.tokenizer import (HF_TOKENIZER_SIDE_FILES, HFTokenizer,
-                                      SentencePieceTokenizer)
-  if isinstance(tok, HFTokenizer):
-    for name in HF_TOKENIZER_SIDE_FILES:
-      src = os.path.join(tok.path, name)
-      if os.path.isfile(src):
-        shutil.copy(src, os.path.join(out, name))
-    return "huggingface"
-  if isinstance(tok, SentencePieceTokenizer):
-    with open(os.path.join(out, "tokenizer.model"), "wb") as f:
-      f.write(tok.model_proto)
-    return "sentencepiece tokenizer.model (not loadable by transformers as is)"
-  return "none (synthetic data's word tokenizer)"
-
-
 def main(argv):
   if len(argv) > 1:
     common.fail(f"unexpected arguments {argv[1:]}; all options are --flags")
@@ -62,6 +45,7 @@ def main(argv):
 
   from stabjax import workdir as workdir_lib
   from stabjax.data import DataError
+  from stabjax.data.tokenizer import export_hf_tokenizer
   from stabjax.models import hf
   from stabjax.run import WorkdirError
   logging.set_verbosity(logging.WARNING)
@@ -73,7 +57,7 @@ def main(argv):
     common.fail(str(e))
   files = hf.save_hf(params, cfg.model, out, bos_id=tok.bos_id, eos_id=tok.eos_id,
                      pad_id=tok.pad_id)
-  tokenizer = export_tokenizer(cfg, tok, out)
+  tokenizer = export_hf_tokenizer(tok, out)
   d = cfg.model.dmu
   record = {"workdir": os.path.abspath(FLAGS.workdir), "step": step, "model": cfg.model.name,
             "arch": cfg.model.arch, "tokenizer": tokenizer,

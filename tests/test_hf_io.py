@@ -167,8 +167,11 @@ def test_resume_with_another_init_from_is_refused(gpt2_run, tmp_path):
   assert sorted(os.listdir(wd)) == before
 
 
-@pytest.mark.parametrize("case", ["missing", "no_config", "no_weights", "model_type",
-                                  "seq_len", "synthetic", "model_flag"])
+# Each case is a launcher start (~10 s of imports): the rarer ones only with -m slow.
+@pytest.mark.parametrize("case", ["missing", pytest.param("no_config", marks=pytest.mark.slow),
+                                  "no_weights", "model_type", "seq_len",
+                                  pytest.param("synthetic", marks=pytest.mark.slow),
+                                  pytest.param("model_flag", marks=pytest.mark.slow)])
 def test_bad_init_from_is_one_line_and_writes_nothing(hf_dirs, tmp_path, case):
   root, corpus, model_dir = hf_dirs
   bad = tmp_path / "bad"
@@ -297,6 +300,26 @@ def test_bert_wordpiece_tokenizer_from_vocab_txt(hf_dirs, tmp_path):
   assert tok.bos_id not in ids and tok.decode(ids) == "the cat sat."
 
 
+def test_sentencepiece_exports_as_a_transformers_tokenizer(hf_dirs, tmp_path):
+  from stabjax.data.tokenizer import (SentencePieceTokenizer, export_hf_tokenizer,
+                                      train_sentencepiece)
+  _, corpus, _ = hf_dirs
+  text = open(corpus).read()
+  sp = SentencePieceTokenizer(train_sentencepiece(
+      [line for line in text.split("\n") if line.strip()], 300, "bpe"))
+  assert export_hf_tokenizer(sp, tmp_path).startswith("sentencepiece converted")
+  fast = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  docs = text.split("\n\n")[:20] + ["  Two  spaces,\n\nnew [MASK] lines and émigré 🙂 "]
+  for doc in docs:
+    ids = fast(doc, add_special_tokens=False)["input_ids"]
+    assert ids == sp.encode(doc), doc
+    assert fast.decode(ids) == sp.decode(ids)
+  assert (fast.pad_token_id, fast.bos_token_id, fast.eos_token_id) == (
+      sp.pad_id, sp.bos_id, sp.eos_id)
+  assert fast.convert_tokens_to_ids("[MASK]") == sp.mask_id
+  assert (tmp_path / "tokenizer.model").read_bytes() == sp.model_proto
+
+
 def test_dataset_cache_is_keyed_by_the_tokenizer(hf_dirs, tmp_path):
   _, corpus, model_dir = hf_dirs
   data = DataConfig(spec=f"text:{corpus}", seq_len=32, vocab_size=300,
@@ -319,3 +342,34 @@ def test_dataset_cache_is_keyed_by_the_tokenizer(hf_dirs, tmp_path):
                             "spm-bpe-300"])
   np.testing.assert_array_equal(np.asarray(load_dataset(data, tokenizer=tok).train.tokens),
                                 rows)
+
+
+@pytest.mark.slow
+def test_bert_init_from_train_export_round_trip(hf_dirs, tmp_path):
+  """The BERT path end to end: WordPiece vocab.txt, MLM fine-tuning, BertForMaskedLM."""
+  _, corpus, _ = hf_dirs
+  model_dir = tmp_path / "tiny-bert"
+  wp = tokenizers.BertWordPieceTokenizer(lowercase=True)
+  wp.train([corpus], vocab_size=200, show_progress=False,
+           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+  model_dir.mkdir()
+  wp.save_model(str(model_dir))
+  torch.manual_seed(0)
+  cfg = transformers.BertConfig(vocab_size=wp.get_vocab_size(), hidden_size=32,
+                                num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64)
+  transformers.BertForMaskedLM(cfg).save_pretrained(model_dir)
+  wd, out = tmp_path / "run", tmp_path / "export"
+  proc = launcher("main.py", f"--workdir={wd}", f"--init_from={model_dir}", "--dmu_mode=dprob",
+                  *run_flags(tmp_path, corpus))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = launcher("export.py", f"--workdir={wd}", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ids = HFTokenizer(model_dir, model_type="bert").encode("the cat sat on a mat.")
+  assert transformers.AutoTokenizer.from_pretrained(out)(
+      "The cat sat on a mat.", add_special_tokens=False)["input_ids"] == ids
+  model = transformers.BertForMaskedLM.from_pretrained(out).eval()
+  with torch.no_grad():
+    got = model(torch.tensor([ids])).logits.numpy()
+  _, _, want = stabjax_eval_logits(wd, ids)
+  assert np.abs(got - want).max() < TOL

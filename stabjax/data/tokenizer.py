@@ -325,3 +325,68 @@ class HFTokenizer:
   def __repr__(self) -> str:
     return (f"HFTokenizer({self.path}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
             f"eos={self.eos_id}, pad={self.pad_id}, mask={self.mask_id})")
+
+
+# ------------------------------------------------------------------- export (HF files)
+
+
+def sentencepiece_to_hf(tok: SentencePieceTokenizer):
+  """The SentencePiece model as a `tokenizers.Tokenizer` that encodes and decodes alike.
+
+  transformers' `SpmConverter.build_tokenizer_from_spm_proto` follows the model's own
+  normalizer settings (identity, dummy prefix, byte fallback, user-defined '\n' and
+  '[MASK]' emitted whole); `legacy=True` prefixes every chunk between added tokens, which
+  is what SentencePiece does with user-defined pieces (the non-legacy scheme misplaces
+  the dummy prefix after leading spaces). `export_hf_tokenizer` checks the result.
+  """
+  from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+  proto = import_protobuf().ModelProto()
+  proto.ParseFromString(tok.model_proto)
+  vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+  return SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+
+
+# Text the converted tokenizer must encode exactly as SentencePiece (spaces, newlines,
+# the mask symbol, characters outside the vocabulary).
+_PROBES = ("The cat sat on the mat.\nA second line,  two  spaces\n\nand a [MASK] here. ",
+           "\nleading newline", "tab\tand émigré naïve 東京 🙂", "  ")
+
+
+def export_hf_tokenizer(tok, out: str | os.PathLike, probes: Sequence[str] = ()) -> str:
+  """Writes the tokenizer in a form transformers loads (`AutoTokenizer.from_pretrained`),
+  where it can; returns what was written.
+
+  HFTokenizer: its own files are copied. SentencePieceTokenizer: tokenizer.json /
+  tokenizer_config.json (`sentencepiece_to_hf`, kept only when it encodes `probes` and
+  some fixed text exactly as SentencePiece), and the original tokenizer.model either
+  way. '[MASK]' keeps its id but is not registered as the HF `mask_token`: a special
+  token splits the text around it, and the dummy prefix SentencePiece does not put
+  after a user-defined piece would then be added there. Other tokenizers (the
+  synthetic language's words): nothing.
+  """
+  import shutil
+  out = os.fspath(out)
+  if isinstance(tok, HFTokenizer):
+    for name in HF_TOKENIZER_SIDE_FILES:
+      src = os.path.join(tok.path, name)
+      if os.path.isfile(src):
+        shutil.copy(src, os.path.join(out, name))
+    return "huggingface (copied)"
+  if not isinstance(tok, SentencePieceTokenizer):
+    return "none (the synthetic language's word tokenizer)"
+  with open(os.path.join(out, "tokenizer.model"), "wb") as f:
+    f.write(tok.model_proto)
+  try:
+    import transformers
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=sentencepiece_to_hf(tok), bos_token=tok.id_to_piece(tok.bos_id),
+        eos_token=tok.id_to_piece(tok.eos_id), unk_token=tok.id_to_piece(tok.unk_id),
+        pad_token=tok.id_to_piece(tok.pad_id))
+  except Exception as e:  # noqa: BLE001  (no transformers/protobuf, or a model it cannot read)
+    return f"sentencepiece tokenizer.model only (conversion failed: {type(e).__name__})"
+  bad = [t for t in (*_PROBES, *probes)
+         if fast(t, add_special_tokens=False)["input_ids"] != tok.encode(t)]
+  if bad:
+    return "sentencepiece tokenizer.model only (the converted tokenizer encodes differently)"
+  fast.save_pretrained(out)
+  return "sentencepiece converted to tokenizer.json (+ tokenizer.model)"
