@@ -76,9 +76,6 @@ def prepare_init_from(F):
   common.check_mesh(cfg)
   try:
     tokenizer = HFTokenizer(path, model_vocab_size=model.vocab_size, model_type=model.arch)
-    if tokenizer.vocab_size > model.vocab_size:
-      raise ValueError(f"its tokenizer has {tokenizer.vocab_size} tokens, the model's "
-                       f"vocabulary {model.vocab_size}")
     params = hf.load_params(path, model)
     dataset = load_dataset(cfg.data, seed=cfg.train.seed, tokenizer=tokenizer)
   except DataError as e:

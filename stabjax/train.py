@@ -220,8 +220,8 @@ class Trainer:
 
     abstract_state = jax.eval_shape(init_fn)
     if pretrained is not None:
-      from stabjax.models.hf import _check_shapes
-      _check_shapes(pretrained, abstract_params, cfg.model.name)
+      from stabjax.models.hf import check_shapes
+      check_shapes(pretrained, abstract_params, cfg.model.name)
     param_sh = sharding.logical_shardings(abstract_boxed, mesh)
     repl = sharding.replicated(mesh)
     opt_sh = optim.map_params_like(lambda _: param_sh, jax.tree.structure(abstract_params),

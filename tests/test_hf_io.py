@@ -285,6 +285,8 @@ def test_hf_tokenizer_files_and_special_ids(hf_dirs, tmp_path):
   # ... and without one there is no id to pad with.
   with pytest.raises(ValueError, match="no pad token other than BOS/EOS"):
     HFTokenizer(nopad)
+  with pytest.raises(ValueError, match=f"has {n} tokens, more than the model's 100-entry"):
+    HFTokenizer(nopad, model_vocab_size=100)
 
 
 def test_bert_wordpiece_tokenizer_from_vocab_txt(hf_dirs, tmp_path):

@@ -263,6 +263,10 @@ class HFTokenizer:
                        f"{', '.join(HF_TOKENIZER_FILES)}")
     self.files = tuple(used)
     self.num_tokens = int(self._tok.get_vocab_size(with_added_tokens=True))
+    if model_vocab_size is not None and self.num_tokens > model_vocab_size:
+      # Ids past the embedding would be clamped silently by the lookup.
+      raise ValueError(f"{path}: the tokenizer has {self.num_tokens} tokens, more than the "
+                       f"model's {model_vocab_size}-entry vocabulary")
     self.vocab_size = max(self.num_tokens, int(model_vocab_size or 0))
     named = _special_token_strings(path)
 

@@ -278,7 +278,8 @@ def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _check_shapes(params: Any, expected: Any, name: str) -> None:
+def check_shapes(params: Any, expected: Any, name: str) -> None:
+  """ValueError (one line, up to 10 entries) unless `params` has `expected`'s tree and shapes."""
   got = jax.tree_util.tree_flatten_with_path(params)[0]
   want = jax.tree_util.tree_flatten_with_path(expected)[0]
   got_d = {jax.tree_util.keystr(k): v.shape for k, v in got}
@@ -326,7 +327,7 @@ def load_params(path: str | pathlib.Path, config: ModelConfig) -> dict[str, Any]
   params = (convert_gpt2 if config.arch == "gpt2" else convert_bert)(state, config)
   if config.scan_layers:
     params = stack_layers(params, config.num_layers)
-  _check_shapes(params, model_and_expected(config)[1], config.name)
+  check_shapes(params, model_and_expected(config)[1], config.name)
   return params
 
 
