@@ -238,6 +238,9 @@ class HFTokenizer:
     import json
     path = os.fspath(path)
     self.path = os.path.abspath(path)
+    if not os.path.isdir(path):
+      raise ValueError(f"{path}: no such tokenizer directory (a run started --init_from it "
+                       f"reads its tokenizer there)")
     files = lambda *names: [os.path.join(path, n) for n in names]  # noqa: E731
     config_file = os.path.join(path, "tokenizer_config.json")
     tok_config = {}
