@@ -17,7 +17,8 @@ empty value gives None) and `tuple[X, ...]` (a comma-separated list). Flag names
 * NOT_FLAGS get their value elsewhere: the model's shape (FROM_MODEL) comes from --model
   (a named size; add one to configs.MODEL_CONFIGS for another shape, so that a run's name
   says its shape), its vocabulary from the tokenizer, and FROM_FLAG fields from another
-  section's flag (data.seq_len from --seq_len, generation.seed from --seed).
+  section's flag (data.seq_len from --seq_len, generation.seed from --seed); LAUNCHER_ONLY
+  fields are one launcher's own flag (--init_from of experiments/main.py).
 
 Hand-written here are only the flags that are not run config: --model (which named size),
 --progress, --compilation_cache_dir, --distributed (and its coordinator flags),
@@ -55,7 +56,11 @@ FROM_MODEL = ("name", "arch", "vocab_size", "max_len", "num_layers", "num_heads"
               "d_ff", "layer_norm_eps", "type_vocab_size")
 # and fields set from another section's flag:
 FROM_FLAG = {"data.seq_len": "seq_len", "generation.seed": "seed"}
-NOT_FLAGS = frozenset({f"model.{f}" for f in FROM_MODEL} | set(FROM_FLAG))
+# and fields one launcher sets with its own flag, because setting them means more than a
+# value (experiments/main.py --init_from also loads the checkpoint's weights and tokenizer;
+# a sweep launcher offering it would silently train from scratch):
+LAUNCHER_ONLY = ("init_from",)
+NOT_FLAGS = frozenset({f"model.{f}" for f in FROM_MODEL} | set(FROM_FLAG) | set(LAUNCHER_ONLY))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +313,8 @@ def build_config(F):
     if s.choices and not s.is_list:
       _choice(s.flag, F[s.flag].value, s.choices)
   cfg = _build(RunConfig, "", F)
-  if cfg.train.seq_len > cfg.model.max_len:
+  # --init_from (experiments/main.py): the checkpoint's positions bound it there instead.
+  if cfg.train.seq_len > cfg.model.max_len and not getattr(F, "init_from", None):
     fail(f"--seq_len={cfg.train.seq_len} exceeds {F.model}'s {cfg.model.max_len} positions; "
          f"accepted: 2..{cfg.model.max_len}")
   return cfg
@@ -412,12 +418,12 @@ def make_logger(F):
     fail(str(e))
 
 
-def run_and_report(cfg, dataset, workdir: str) -> dict:
+def run_and_report(cfg, dataset, workdir: str, init_params=None) -> dict:
   from stabjax.checkpoint import CheckpointError
   from stabjax.run import NonFiniteLossError, WorkdirError, train_and_evaluate
   try:
     summary = train_and_evaluate(cfg, workdir, dataset, show_progress=FLAGS.progress,
-                                 logger=make_logger(FLAGS))
+                                 logger=make_logger(FLAGS), init_params=init_params)
   except (NonFiniteLossError, WorkdirError, CheckpointError) as e:
     fail(str(e), code=1)
   import jax

@@ -343,7 +343,7 @@ def _close_quietly(ckpt: Checkpointer, writer: "MetricWriter | None") -> None:
 
 
 def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: bool = True,
-                       logger=None) -> dict[str, Any]:
+                       logger=None, init_params: Any = None) -> dict[str, Any]:
   """Train (or resume) in `workdir`; returns the summary also written to summary.json.
 
   Guards (each a one-line error, nothing of the earlier run changed): `WorkdirError` when
@@ -351,7 +351,8 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
   run holds its lock, or a file cannot be written; `CheckpointError` when no checkpoint
   restores or one cannot be written. A corrupt newest checkpoint is moved aside with a
   warning and the run resumes from the one before. `logger` (e.g.
-  `logging_wandb.WandbLogger`) also gets the metrics and samples.
+  `logging_wandb.WandbLogger`) also gets the metrics and samples. `init_params` (the
+  weights of `cfg.init_from`) replace the random init of a fresh run (`Trainer.create`).
   """
   cfg = resolve_feedback_target(cfg, dataset)
   config = json.loads(json.dumps(config_to_dict(cfg)))
@@ -384,7 +385,7 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
       if allowed:  # evaluation / logging settings changed on resume: keep a record
         _append_line(workdir / "resumes.jsonl", json.dumps(
             {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": allowed}))
-    return _train(cfg, workdir, dataset, show_progress, logger)
+    return _train(cfg, workdir, dataset, show_progress, logger, init_params)
   finally:
     lock.__exit__(None, None, None)
 
@@ -401,10 +402,10 @@ def generation_params(params):
   return jax.tree.map(lambda x: x.addressable_data(0), gathered)
 
 
-def _train(cfg: RunConfig, workdir: epath.Path, dataset, show_progress: bool, logger=None
-           ) -> dict[str, Any]:
+def _train(cfg: RunConfig, workdir: epath.Path, dataset, show_progress: bool, logger=None,
+           init_params: Any = None) -> dict[str, Any]:
   t = cfg.train
-  trainer = Trainer.create(cfg, special_ids(dataset.tokenizer))
+  trainer = Trainer.create(cfg, special_ids(dataset.tokenizer), init_params=init_params)
   ckpt = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
   iterator_kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
   writer = None

@@ -46,6 +46,9 @@ class RunConfig:
     psu: the PSU decision layer.
     data: the data and its tokenizer.
     generation: the generation measured during and at the end of the run.
+    init_from: a local Hugging Face checkpoint the run starts from (its weights replace
+      the random init, its tokenizer tokenizes the data); None: random init. Recorded so
+      that a resume with another checkpoint is refused (run.config_changes).
   """
 
   model: ModelConfig
@@ -53,6 +56,7 @@ class RunConfig:
   psu: PSUConfig = PSUConfig()
   data: DataConfig = DataConfig()
   generation: GenerationEvalConfig = GenerationEvalConfig()
+  init_from: str | None = None
 
 
 @flax.struct.dataclass
@@ -187,8 +191,12 @@ class Trainer:
   c_tilde: float
 
   @classmethod
-  def create(cls, cfg: RunConfig, ids: SpecialIds, mesh: jax.sharding.Mesh | None = None
-             ) -> "Trainer":
+  def create(cls, cfg: RunConfig, ids: SpecialIds, mesh: jax.sharding.Mesh | None = None,
+             init_params: Any = None) -> "Trainer":
+    """`init_params` (an unboxed params tree, e.g. `models.hf.load_params` of
+    `cfg.init_from`) replaces the random init of `init_state`: shapes checked against the
+    model, placed with the random init's shardings."""
+    pretrained = init_params  # the name is taken by the random init below
     mesh = sharding.make_mesh(cfg.train.mesh) if mesh is None else mesh
     t = cfg.train
     if t.batch_size % sharding.data_parallel_size(mesh):
@@ -219,6 +227,9 @@ class Trainer:
                         key=state_key, entropy_ema=jnp.zeros((), jnp.float32))
 
     abstract_state = jax.eval_shape(init_fn)
+    if pretrained is not None:
+      from stabjax.models.hf import check_shapes
+      check_shapes(pretrained, abstract_params, cfg.model.name)
     param_sh = sharding.logical_shardings(abstract_boxed, mesh)
     repl = sharding.replicated(mesh)
     opt_sh = optim.map_params_like(lambda _: param_sh, jax.tree.structure(abstract_params),
@@ -261,8 +272,18 @@ class Trainer:
       _, aux = loss_fn(params, batch, key, deterministic=True)
       return {k: aux[k] for k in ("nll_sum", "entropy_sum", "tokens")}
 
+    def init_from_params(params):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                        key=state_key, entropy_ema=jnp.zeros((), jnp.float32))
+
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
       jit_init = jax.jit(init_fn, out_shardings=state_sh)
+      if pretrained is not None:
+        # Passed in, not closed over: the weights stay arguments, never jit constants.
+        jit_from = jax.jit(init_from_params, in_shardings=(param_sh,), out_shardings=state_sh)
+        host_params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), pretrained,
+                                   abstract_params)
+        jit_init = lambda: jit_from(jax.device_put(host_params, param_sh))  # noqa: E731
       jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl),
                           out_shardings=(state_sh, repl), donate_argnums=(0,))
       jit_eval = jax.jit(eval_step, in_shardings=(param_sh, batch_sh, repl), out_shardings=repl)

@@ -16,6 +16,12 @@ Text data is cached under `cache_dir` (default ~/.cache/stabjax):
       spm-<type>-<vocab>/tokenizer.model   SentencePiece trained on the training split
       spm-<type>-<vocab>/neg_log_freq.npy  -log add-one unigram frequency, training split
       spm-<type>-<vocab>/<split>-T<len>.npy  packed int32 rows
+      hf-<tokenizer fingerprint>/...       the same tables for a given (HF) tokenizer
+
+`load_dataset(config, tokenizer=...)` tokenizes text with that tokenizer (e.g. the
+`HFTokenizer` of a checkpoint, `--init_from`) instead of training SentencePiece; its
+tables live under hf-<fingerprint of its files and special ids>/, so no SentencePiece
+table is ever read for it, nor its tables for another tokenizer.
 
 A first build happens in a temporary folder that is renamed into place at the end, so a
 failure (e.g. a vocabulary the corpus cannot support) leaves nothing behind; every later
@@ -167,8 +173,12 @@ class Dataset:
             f"rows: {sizes})")
 
 
-def load_dataset(config: DataConfig, seed: int = 0) -> Dataset:
+def load_dataset(config: DataConfig, seed: int = 0, tokenizer: Any = None) -> Dataset:
   """The dataset `config` describes, built or read from the cache (SPEC section 8).
+
+  `tokenizer` (text/tfds only): tokenize with it instead of a SentencePiece model
+  trained on the data; it needs `encode_batch` and a `fingerprint` string that
+  identifies its tokenization (the cache key).
 
   `seed` is the run seed. It only matters for synthetic data with
   `synthetic_seed=None`; text data and the default synthetic data do not depend on it,
@@ -177,10 +187,13 @@ def load_dataset(config: DataConfig, seed: int = 0) -> Dataset:
   """
   spec = config.data_spec
   if spec.kind == "synthetic":
+    if tokenizer is not None:
+      raise DataError(f"{spec} data has its own word tokenizer; a given tokenizer (e.g. "
+                      f"--init_from's) needs text: or tfds: data")
     return _load_synthetic(config, spec, seed)
   if spec.kind == "text":
-    return _load_text(config, spec)
-  return _load_tfds(config, spec)
+    return _load_text(config, spec, tokenizer)
+  return _load_tfds(config, spec, tokenizer)
 
 
 def neg_log_frequency(tokens: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -230,7 +243,7 @@ class _Source:
   manifest: dict | None = None
 
 
-def _load_text(config: DataConfig, spec: DataSpec) -> Dataset:
+def _load_text(config: DataConfig, spec: DataSpec, tokenizer: Any = None) -> Dataset:
   from stabjax.data import text_builder
 
   files = text_builder.resolve_files(spec.path)
@@ -262,12 +275,13 @@ def _load_text(config: DataConfig, spec: DataSpec) -> Dataset:
   manifest = {"spec": str(spec), "files": files, "validation_fraction":
               config.validation_fraction, "text_split": config.text_split,
               "format": CACHE_FORMAT}
-  dataset = _load_cached(config, spec, root, _Source(docs=docs, build=build, manifest=manifest))
+  dataset = _load_cached(config, spec, root, _Source(docs=docs, build=build, manifest=manifest),
+                         tokenizer)
   documents.clear()  # from now on the documents are read from the cache folder
   return dataset
 
 
-def _load_tfds(config: DataConfig, spec: DataSpec) -> Dataset:
+def _load_tfds(config: DataConfig, spec: DataSpec, tokenizer: Any = None) -> Dataset:
   import tensorflow_datasets as tfds
   from tensorflow_datasets.core import registered
 
@@ -327,7 +341,7 @@ def _load_tfds(config: DataConfig, spec: DataSpec) -> Dataset:
               str(builder.version), "text_feature": config.text_feature,
               "validation_split": val_split or f"hash({config.validation_fraction}) of train",
               "max_documents": limit, "format": CACHE_FORMAT}
-  return _load_cached(config, spec, root, _Source(docs=docs, manifest=manifest))
+  return _load_cached(config, spec, root, _Source(docs=docs, manifest=manifest), tokenizer)
 
 
 def _unknown_tfds_message(name: str) -> str:
@@ -366,25 +380,33 @@ def _iter_feature(source, feature: str, limit: int | None) -> Iterator[str]:
       yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _load_cached(config: DataConfig, spec: DataSpec, root: Path, source: _Source) -> Dataset:
-  """Builds (or reuses) the cache folder `root`, then reads the dataset out of it."""
-  tok_dir = f"spm-{config.tokenizer_type}-{config.vocab_size}"
+def _load_cached(config: DataConfig, spec: DataSpec, root: Path, source: _Source,
+                 tokenizer: Any = None) -> Dataset:
+  """Builds (or reuses) the cache folder `root`, then reads the dataset out of it.
+
+  With `tokenizer` its tables go to hf-<fingerprint>/ and no SentencePiece is trained.
+  """
+  if tokenizer is not None:
+    tok_dir = f"hf-{tokenizer.fingerprint[:16]}"
+  else:
+    tok_dir = f"spm-{config.tokenizer_type}-{config.vocab_size}"
   proto = None
-  if not (root / tok_dir / "tokenizer.model").exists():
+  if tokenizer is None and not (root / tok_dir / "tokenizer.model").exists():
     # Trained before anything is written: a vocabulary the corpus cannot support fails
     # here, with the cache untouched.
     lines = _training_lines(source.docs(root, "train"))
     proto = tokenizer_lib.train_sentencepiece(lines, config.vocab_size, config.tokenizer_type)
 
   def complete(folder: Path) -> None:
-    _ensure_tokenized(config, folder, folder / tok_dir, source, proto)
+    _ensure_tokenized(config, folder, folder / tok_dir, source, proto, tokenizer)
 
   if root.is_dir():
     complete(root)
   else:
     _build_atomically(root, source, complete)
 
-  tok = _load_tokenizer(root / tok_dir / "tokenizer.model")
+  tok = (tokenizer if tokenizer is not None
+         else _load_tokenizer(root / tok_dir / "tokenizer.model"))
   splits = {s: Split(_load_npy(root / tok_dir / f"{s}-T{config.seq_len}.npy", mmap=True),
                      tok.pad_id) for s in SPLITS}
   neg_log_freq = _load_npy(root / tok_dir / "neg_log_freq.npy")
@@ -436,19 +458,27 @@ def _build_atomically(root: Path, source: _Source, complete: Callable[[Path], No
 
 
 def _ensure_tokenized(config: DataConfig, folder: Path, tok_dir: Path, source: _Source,
-                      proto: bytes | None) -> None:
+                      proto: bytes | None, tokenizer: Any = None) -> None:
   """Tokenizer, packed splits and frequency table in `tok_dir`, each made once.
 
-  `proto` is the freshly trained tokenizer, written when `tok_dir` has none yet.
+  `proto` is the freshly trained tokenizer, written when `tok_dir` has none yet. A given
+  `tokenizer` is used as is (its fingerprint recorded in tokenizer.txt).
   """
   model_path = tok_dir / "tokenizer.model"
-  if not model_path.exists():
+  if tokenizer is not None:
+    tok_dir.mkdir(exist_ok=True)
+    if not (tok_dir / "tokenizer.txt").exists():
+      _atomic_write_bytes(tok_dir / "tokenizer.txt",
+                          f"{tokenizer!r}\n{tokenizer.fingerprint}\n".encode())
+    tok = tokenizer
+  elif not model_path.exists():
     if proto is None:
       proto = tokenizer_lib.train_sentencepiece(_training_lines(source.docs(folder, "train")),
                                                 config.vocab_size, config.tokenizer_type)
     tok_dir.mkdir(exist_ok=True)
     _atomic_write_bytes(model_path, proto)
-  tok = _load_tokenizer(model_path)
+  if tokenizer is None:
+    tok = _load_tokenizer(model_path)
   for split in SPLITS:
     path = tok_dir / f"{split}-T{config.seq_len}.npy"
     if not path.exists():

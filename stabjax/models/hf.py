@@ -278,7 +278,8 @@ def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _check_shapes(params: Any, expected: Any, name: str) -> None:
+def check_shapes(params: Any, expected: Any, name: str) -> None:
+  """ValueError (one line, up to 10 entries) unless `params` has `expected`'s tree and shapes."""
   got = jax.tree_util.tree_flatten_with_path(params)[0]
   want = jax.tree_util.tree_flatten_with_path(expected)[0]
   got_d = {jax.tree_util.keystr(k): v.shape for k, v in got}
@@ -289,6 +290,45 @@ def _check_shapes(params: Any, expected: Any, name: str) -> None:
              if k in got_d and got_d[k] != s]
   if errors:
     raise ValueError(f"{name}: checkpoint does not fit the model: " + "; ".join(errors[:10]))
+
+
+def read_config(path: str | pathlib.Path) -> dict[str, Any]:
+  """A checkpoint directory's parsed config.json; ValueError (one line) when `path` is no
+  directory, has no config.json or no weights file."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise ValueError(f"{path}: no such directory (expected a Hugging Face checkpoint "
+                     f"directory with config.json and one of {', '.join(WEIGHT_FILES)})")
+  config_file = path / "config.json"
+  if not config_file.is_file():
+    raise ValueError(f"{path}: not a Hugging Face checkpoint directory (no config.json); "
+                     f"expected config.json and one of {', '.join(WEIGHT_FILES)}")
+  if not any((path / f).is_file() for f in WEIGHT_FILES):
+    raise ValueError(f"{path}: no weights found; accepted files: {', '.join(WEIGHT_FILES)}")
+  try:
+    return json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def model_and_expected(config: ModelConfig) -> tuple[nn.Module, Any]:
+  """The module of `config` and its params' shapes (abstract, no allocation)."""
+  model = GPT2(config) if config.arch == "gpt2" else BERT(config)
+  expected = jax.eval_shape(
+      lambda k: nn.meta.unbox(model.init({"params": k}, jnp.zeros((1, 2), jnp.int32))["params"]),
+      jax.random.key(0))
+  return model, expected
+
+
+def load_params(path: str | pathlib.Path, config: ModelConfig) -> dict[str, Any]:
+  """The checkpoint's weights as `config`'s float32 NumPy params tree (stacked under
+  'layers' when `config.scan_layers`); ValueError (one line) when they do not fit."""
+  state = load_state_dict(path)
+  params = (convert_gpt2 if config.arch == "gpt2" else convert_bert)(state, config)
+  if config.scan_layers:
+    params = stack_layers(params, config.num_layers)
+  check_shapes(params, model_and_expected(config)[1], config.name)
+  return params
 
 
 def from_pretrained(path: str | pathlib.Path, dmu: DMUConfig = DMUConfig(enabled=False),
@@ -309,22 +349,142 @@ def from_pretrained(path: str | pathlib.Path, dmu: DMUConfig = DMUConfig(enabled
     The GPT2 / BERT module and its unboxed float32 'params' tree.
   """
   path = pathlib.Path(path)
-  config_file = path / "config.json"
-  if not config_file.is_file():
-    raise ValueError(f"{path}: not a Hugging Face checkpoint directory (no config.json); "
-                     f"expected config.json and one of {', '.join(WEIGHT_FILES)}")
-  config = config_from_hf(json.loads(config_file.read_text()), f"hf:{path.resolve().name}",
+  config = config_from_hf(read_config(path), f"hf:{path.resolve().name}",
                           dtype=dtype, scan_layers=scan_layers, dmu=dmu, dtu=dtu,
                           dropout_rate=dropout_rate)
-  state = load_state_dict(path)
-  convert: Callable[[StateDict, ModelConfig], dict[str, Any]]
-  model, convert = (GPT2(config), convert_gpt2) if config.arch == "gpt2" else (BERT(config),
-                                                                              convert_bert)
-  params = convert(state, config)
-  if scan_layers:
-    params = stack_layers(params, config.num_layers)
-  expected = jax.eval_shape(
-      lambda k: nn.meta.unbox(model.init({"params": k}, jnp.zeros((1, 2), jnp.int32))["params"]),
-      jax.random.key(0))
-  _check_shapes(params, expected, config.name)
+  params = load_params(path, config)
+  model = GPT2(config) if config.arch == "gpt2" else BERT(config)
   return model, jax.tree.map(jnp.asarray, params)
+
+
+# --------------------------------------------------------------------------- export
+# The inverse direction: stabjax params -> a Hugging Face checkpoint (experiments/export.py).
+
+
+def fold_dmu_eval(params: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+  """Unscanned params whose plain MLP equals the DMU's evaluation-mode map.
+
+  At evaluation (`deterministic=True`, models/dmu.py) a DMU with `rescale=False` and
+  c~ < 1 multiplies its masked quantities by their keep probabilities p (`dmu_scales`):
+  edge modes x @ (p wi) + p bi and h @ (p wo) + p bo; node modes x -> p_in x,
+  act(.) -> p_h act(.), output -> p_out (.). Each factor sits on a linear map, so it
+  folds exactly into the weights: edge modes scale wi, bi, wo, bo by their p; node modes
+  scale wi by p_in, wo by p_h p_out and bo by p_out (bi is untouched: p_in scales x
+  before the bias is added). `rescale=True` (identity at evaluation),
+  c~ = 1 or a disabled DMU: unchanged. The DTU's evaluation mode is exact attention,
+  which needs nothing. Loading the result with the DMU on again would scale twice.
+  """
+  from stabjax.models.dmu import dmu_scales
+  dmu = config.dmu
+  if not dmu.enabled or dmu.c_tilde == 1.0:
+    return params
+  s = dmu_scales(dmu, config.d_model, config.d_ff, deterministic=True)
+  if "wi_kernel" in s:
+    factors = {n: s[n] for n in ("wi_kernel", "wi_bias", "wo_kernel", "wo_bias")}
+  else:
+    factors = {"wi_kernel": s["input"], "wo_kernel": s["hidden"] * s["output"],
+               "wo_bias": s["output"]}
+  out = dict(params)
+  for i in range(config.num_layers):
+    block = dict(out[f"block_{i}"])
+    block["mlp"] = {k: (np.asarray(v) * np.float32(factors[k]) if k in factors
+                        else np.asarray(v)) for k, v in block["mlp"].items()}
+    out[f"block_{i}"] = block
+  return out
+
+
+def export_state_dict(params: dict[str, Any], config: ModelConfig) -> StateDict:
+  """stabjax params (scanned or not) -> the HF GPT2LMHeadModel / BertForMaskedLM tensors
+  of the model's evaluation mode (the inverse of `convert_gpt2` / `convert_bert`, with
+  `fold_dmu_eval`). Tied output weights are written too (lm_head, cls decoder)."""
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  if "layers" in params:
+    params = unstack_layers(params)
+  params = fold_dmu_eval(params, config)
+  d = config.d_model
+  ln = lambda name, p: {f"{name}.weight": p["scale"], f"{name}.bias": p["bias"]}  # noqa: E731
+  out: StateDict = {}
+  if config.arch == "gpt2":
+    out["transformer.wte.weight"] = params["wte"]
+    out["transformer.wpe.weight"] = params["wpe"]
+    for i in range(config.num_layers):
+      b, p = params[f"block_{i}"], f"transformer.h.{i}."
+      a, m = b["attn"], b["mlp"]
+      out.update(ln(p + "ln_1", b["ln_1"]))
+      out.update(ln(p + "ln_2", b["ln_2"]))
+      out.update({
+          p + "attn.c_attn.weight": a["qkv_kernel"].reshape(d, 3 * d),
+          p + "attn.c_attn.bias": a["qkv_bias"].reshape(3 * d),
+          p + "attn.c_proj.weight": a["o_kernel"].reshape(d, d),
+          p + "attn.c_proj.bias": a["o_bias"],
+          p + "mlp.c_fc.weight": m["wi_kernel"], p + "mlp.c_fc.bias": m["wi_bias"],
+          p + "mlp.c_proj.weight": m["wo_kernel"], p + "mlp.c_proj.bias": m["wo_bias"],
+      })
+    out.update(ln("transformer.ln_f", params["ln_f"]))
+    out["lm_head.weight"] = params["wte"]
+  else:
+    e = params["embeddings"]
+    out.update({"bert.embeddings.word_embeddings.weight": e["word"],
+                "bert.embeddings.position_embeddings.weight": e["position"],
+                "bert.embeddings.token_type_embeddings.weight": e["token_type"]})
+    out.update(ln("bert.embeddings.LayerNorm", e["ln"]))
+    for i in range(config.num_layers):
+      b, p = params[f"block_{i}"], f"bert.encoder.layer.{i}."
+      a, m = b["attn"], b["mlp"]
+      qkv, qkv_b = a["qkv_kernel"].reshape(d, 3, d), a["qkv_bias"].reshape(3, d)
+      for j, n in enumerate(("query", "key", "value")):
+        out[f"{p}attention.self.{n}.weight"] = qkv[:, j].T
+        out[f"{p}attention.self.{n}.bias"] = qkv_b[j]
+      out.update({
+          p + "attention.output.dense.weight": a["o_kernel"].reshape(d, d).T,
+          p + "attention.output.dense.bias": a["o_bias"],
+          p + "intermediate.dense.weight": m["wi_kernel"].T,
+          p + "intermediate.dense.bias": m["wi_bias"],
+          p + "output.dense.weight": m["wo_kernel"].T, p + "output.dense.bias": m["wo_bias"],
+      })
+      out.update(ln(p + "attention.output.LayerNorm", b["attn_ln"]))
+      out.update(ln(p + "output.LayerNorm", b["mlp_ln"]))
+    h = params["mlm_head"]
+    out.update({"cls.predictions.transform.dense.weight": h["dense"]["kernel"].T,
+                "cls.predictions.transform.dense.bias": h["dense"]["bias"],
+                "cls.predictions.bias": h["bias"], "cls.predictions.decoder.bias": h["bias"],
+                "cls.predictions.decoder.weight": e["word"]})
+    out.update(ln("cls.predictions.transform.LayerNorm", h["ln"]))
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def hf_config(config: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
+              pad_id: int | None = None) -> dict[str, Any]:
+  """The config.json of the exported model (the inverse of `config_from_hf`)."""
+  ids = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+  if config.arch == "gpt2":
+    p = config.dropout_rate
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": config.vocab_size, "n_positions": config.max_len,
+            "n_embd": config.d_model, "n_layer": config.num_layers, "n_head": config.num_heads,
+            "n_inner": config.d_ff, "activation_function": "gelu_new",
+            "layer_norm_epsilon": config.layer_norm_eps, "resid_pdrop": p, "embd_pdrop": p,
+            "attn_pdrop": p, "tie_word_embeddings": True, **ids}
+  return {"model_type": "bert", "architectures": ["BertForMaskedLM"],
+          "vocab_size": config.vocab_size, "max_position_embeddings": config.max_len,
+          "hidden_size": config.d_model, "num_hidden_layers": config.num_layers,
+          "num_attention_heads": config.num_heads, "intermediate_size": config.d_ff,
+          "hidden_act": "gelu", "layer_norm_eps": config.layer_norm_eps,
+          "type_vocab_size": config.type_vocab_size,
+          "hidden_dropout_prob": config.dropout_rate,
+          "attention_probs_dropout_prob": config.dropout_rate,
+          "position_embedding_type": "absolute", "tie_word_embeddings": True, **ids}
+
+
+def save_hf(params: dict[str, Any], config: ModelConfig, out: str | pathlib.Path,
+            bos_id: int | None = None, eos_id: int | None = None,
+            pad_id: int | None = None) -> list[str]:
+  """Writes config.json and model.safetensors of `params` to `out` (created); the names."""
+  from safetensors.numpy import save_file
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  state = export_state_dict(params, config)
+  (out / "config.json").write_text(json.dumps(hf_config(config, bos_id, eos_id, pad_id),
+                                              indent=2))
+  save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+  return ["config.json", "model.safetensors"]
