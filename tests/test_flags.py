@@ -127,10 +127,10 @@ class ToyRun:
   """A run config another helper grew (module level: its hints must resolve).
 
   Attributes:
-    init_from: a checkpoint to start from.
+    warm_start: a checkpoint to start from.
     tracker: tracking.
   """
-  init_from: str | None = None
+  warm_start: str | None = None
   every: tuple[int, ...] = (1, 2)
   tracker: Tracker = Tracker()
 
@@ -139,7 +139,7 @@ def test_a_new_field_or_section_becomes_a_flag_without_code():
   got = {s.flag: (s.path, s.kind, s.optional, s.is_list, s.help)
          for s in common.run_settings(ToyRun)}
   assert got == {
-      "init_from": ("init_from", str, True, False, "a checkpoint to start from."),
+      "warm_start": ("warm_start", str, True, False, "a checkpoint to start from."),
       "every": ("every", int, False, True, ""),
       "tracker": ("tracker.enabled", bool, False, False, "log at all."),
       "tracker_project": ("tracker.project", str, True, False, "where to log, continued here."),
