@@ -11,4 +11,8 @@ os.environ.setdefault("STABJAX_COMPILATION_CACHE_DIR",
 
 import jax  # noqa: E402
 
+from stabjax import compile_cache  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
+# The tests' own steps use it too: many build the same tiny trainer and compile it again.
+compile_cache.enable(os.environ["STABJAX_COMPILATION_CACHE_DIR"])

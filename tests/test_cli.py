@@ -89,11 +89,13 @@ def test_a_run_from_the_compilation_cache_trains_bit_for_bit_like_a_compiled_one
   """The second run loads its steps from the persistent cache the first one filled; a
   wrong or stale executable would change the losses."""
   cache = tmp_path / "jax_cache"
-  first = run_main(tmp_path / "a", f"--compilation_cache_dir={cache}")
+  small = (f"--compilation_cache_dir={cache}", "--steps=20", "--decoders=sample,greedy",
+           "--num_samples=4")
+  first = run_main(tmp_path / "a", *small)
   assert first.returncode == 0, first.stderr[-2000:]
   filled = set(os.listdir(cache))
   assert filled, "the first run cached nothing"
-  second = run_main(tmp_path / "b", f"--compilation_cache_dir={cache}")
+  second = run_main(tmp_path / "b", *small)
   assert second.returncode == 0, second.stderr[-2000:]
   assert losses(tmp_path / "b") == losses(tmp_path / "a")
   assert summary(tmp_path / "b")["generation"] == summary(tmp_path / "a")["generation"]
@@ -166,6 +168,9 @@ def _wait_for_checkpoint(proc, ckpt_dir, step, timeout=240):
   raise TimeoutError(f"no checkpoint {step} in {ckpt_dir}")
 
 
+# Slow: exact resume is also tested by default in test_workdir (resume past corrupt
+# checkpoints equals the uninterrupted summary) and test_multiprocess.
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_summary(tmp_path):
   ref, wd = tmp_path / "ref", tmp_path / "killed"
   assert run_main(ref).returncode == 0
