@@ -222,8 +222,7 @@ def write_outputs(workdir: str, records: list[dict], histories: dict, variants, 
 
 
 def main(argv):
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpshort)")
+  common.no_positional_args(argv)
   models, seeds, alphas = common.parse_grid(FLAGS)
   variants = list(FLAGS.variants)
   for v in variants:

@@ -262,6 +262,12 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def no_positional_args(argv) -> None:
+  """Every launcher takes --flags only: anything else ends it with one line."""
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpshort)")
+
+
 def _choice(name: str, value: str, accepted) -> str:
   if value not in accepted:
     fail(f"--{name}={value!r} is not accepted; accepted: {', '.join(accepted)}")

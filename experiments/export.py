@@ -34,8 +34,7 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 
 def main(argv):
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  common.no_positional_args(argv)
   if not FLAGS.workdir or not FLAGS.out:
     common.fail("--workdir and --out are required")
   out = os.path.abspath(FLAGS.out)

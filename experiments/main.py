@@ -93,8 +93,7 @@ def prepare_init_from(F):
 
 
 def main(argv):
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpshort)")
+  common.no_positional_args(argv)
   if FLAGS.init_from:
     cfg, dataset, params = prepare_init_from(FLAGS)
   else:

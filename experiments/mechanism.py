@@ -205,8 +205,7 @@ def write_outputs(workdir: str, records: list[dict], alphas, forms, seeds, elaps
 
 
 def main(argv):
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpshort)")
+  common.no_positional_args(argv)
   models, seeds, alphas = common.parse_grid(FLAGS)
   forms = list(FLAGS.forms)
   bad = [f for f in forms if f not in FEEDBACK_FORMS]

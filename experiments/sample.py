@@ -32,8 +32,7 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 def main(argv):
   from stabjax.degeneration import DECODERS
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments {argv[1:]}; all options are --flags")
+  common.no_positional_args(argv)
   if not FLAGS.workdir:
     common.fail("--workdir is required")
   if FLAGS.decoder not in DECODERS:

@@ -120,8 +120,7 @@ def write_outputs(workdir: str, records: list[dict], models, alphas, params: dic
 
 
 def main(argv):
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpshort)")
+  common.no_positional_args(argv)
   models, seeds, alphas = common.parse_grid(FLAGS)
   base = common.base_config(FLAGS)
   runs, summaries, elapsed = common.run_grid(base, models, seeds, alphas, FLAGS.workdir)

@@ -162,8 +162,7 @@ def plot_table1(path: str, agg: list[dict], models, alphas, n_seeds: int, cfg0: 
 
 
 def main(argv):
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpshort)")
+  common.no_positional_args(argv)
   models, seeds, alphas = common.parse_grid(FLAGS)
   base = common.base_config(FLAGS)
   runs, summaries, elapsed = common.run_grid(base, models, seeds, alphas, FLAGS.workdir)

@@ -62,8 +62,7 @@ def generative_points(history: list[dict], loss_key: str) -> tuple[list[float], 
 
 
 def main(argv):
-  if len(argv) > 1:
-    common.fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --helpshort)")
+  common.no_positional_args(argv)
   models, seeds, alphas = common.parse_grid(FLAGS)
   if len(models) != 1 or len(seeds) != 1:
     common.fail("--models and --seeds take one value each here (one trajectory per alpha)")
