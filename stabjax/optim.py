@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from stabjax.configs import TrainConfig
 from stabjax.feedback import param_groups
 from stabjax.psu import PSUConfig, find_psu_state, group_scale, psu
 
@@ -41,14 +40,27 @@ def decay_mask(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def lr_schedule(t: TrainConfig) -> optax.Schedule:
-  """Linear warmup from 0, then cosine decay to lr * min_lr_ratio at the last step."""
-  warmup = min(t.warmup_steps, t.steps - 1) if t.steps > 1 else 0
-  return optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, t.steps,
-                                            end_value=t.lr * t.min_lr_ratio)
+def lr_schedule(t: Any) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to lr * min_lr_ratio at the last step.
+
+  `t` is a TrainConfig, or anything with its scalar fields (traced values included: no
+  Python branch depends on them, unlike `optax.warmup_cosine_decay_schedule`).
+  """
+  def schedule(count):
+    count = jnp.asarray(count, jnp.float32)
+    steps = jnp.asarray(t.steps, jnp.float32)
+    warmup = jnp.where(steps > 1, jnp.minimum(jnp.asarray(t.warmup_steps, jnp.float32),
+                                              steps - 1), 0.0)
+    warm = count / jnp.maximum(warmup, 1.0)
+    frac = jnp.clip((count - warmup) / jnp.maximum(steps - warmup, 1.0), 0.0, 1.0)
+    cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    ratio = jnp.asarray(t.min_lr_ratio, jnp.float32)
+    shape = jnp.where(count < warmup, warm, (1.0 - ratio) * cosine + ratio)
+    return jnp.asarray(t.lr, jnp.float32) * shape
+  return schedule
 
 
-def base_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+def base_optimizer(t: Any) -> optax.GradientTransformation:
   """AdamW (decoupled decay), or SGD on the L2-regularised loss (`t.optimizer`)."""
   if t.optimizer == "sgd":
     return optax.chain(optax.add_decayed_weights(t.weight_decay, mask=decay_mask),
@@ -57,12 +69,18 @@ def base_optimizer(t: TrainConfig) -> optax.GradientTransformation:
                      mask=decay_mask)
 
 
-def make_optimizer(t: TrainConfig, psu_config: PSUConfig, c_tilde: float
+def make_optimizer(t: Any, psu_config: PSUConfig, c_tilde: float, seed: Any = None
                    ) -> optax.GradientTransformationExtraArgs:
-  """masked_step(chain(clip, base optimizer[, PSU])) for one run."""
+  """masked_step(chain(clip, base optimizer[, PSU])) for one run.
+
+  `t`: a TrainConfig, or a `train.StepScalars` of traced values with `optimizer` (the
+  transformation's structure depends only on `t.optimizer` and `psu_config`). `seed`
+  (default `t.seed`) seeds the PSU's init.
+  """
   parts = [optax.clip_by_global_norm(t.clip_norm), base_optimizer(t)]
   if psu_config.enabled:
-    parts.append(psu(psu_config, alpha=t.alpha, c_tilde=c_tilde, seed=t.seed))
+    parts.append(psu(psu_config, alpha=t.alpha, c_tilde=c_tilde,
+                     seed=t.seed if seed is None else seed))
   return masked_step(optax.chain(*parts))
 
 

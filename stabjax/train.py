@@ -60,6 +60,40 @@ class RunConfig:
 
 
 @flax.struct.dataclass
+class StepScalars:
+  """The run's scalar settings the train step takes as traced arguments, not as
+  compile-time constants: runs that differ only in these (a sweep over alpha, the
+  feedback target, the schedule or the seed, which enters through the state's keys) lower
+  to the same program, so the persistent compilation cache compiles it once.
+
+  Integer counts are carried as float32 (they only enter the schedule's arithmetic).
+  `optimizer` is static: it picks the transformation's structure.
+  """
+
+  alpha: jax.Array
+  feedback_target: jax.Array  # H_data of feedback=data (0 when unused)
+  feedback_ema_decay: jax.Array
+  lr: jax.Array
+  min_lr_ratio: jax.Array
+  warmup_steps: jax.Array
+  steps: jax.Array
+  weight_decay: jax.Array
+  clip_norm: jax.Array
+  b1: jax.Array
+  b2: jax.Array
+  optimizer: str = flax.struct.field(pytree_node=False, default="adamw")
+
+  @classmethod
+  def of(cls, t: TrainConfig) -> "StepScalars":
+    f32 = lambda x: np.float32(x)  # noqa: E731
+    return cls(alpha=f32(t.alpha), feedback_target=f32(t.feedback_target or 0.0),
+               feedback_ema_decay=f32(t.feedback_ema_decay), lr=f32(t.lr),
+               min_lr_ratio=f32(t.min_lr_ratio), warmup_steps=f32(t.warmup_steps),
+               steps=f32(t.steps), weight_decay=f32(t.weight_decay),
+               clip_norm=f32(t.clip_norm), b1=f32(t.b1), b2=f32(t.b2), optimizer=t.optimizer)
+
+
+@flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: number of updates applied
   params: Any
@@ -109,19 +143,21 @@ def mlm_corrupt(key: jax.Array, tokens: jax.Array, mask: jax.Array, ids: Special
 
 
 def make_loss_fn(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig, ids: SpecialIds):
-  """loss_fn(params, batch, key, deterministic=False, frozen=None, setpoint=0., weight=1.)
-  -> (loss, aux) for GPT-2 (next token) or BERT (MLM).
+  """loss_fn(params, batch, key, deterministic=False, frozen=None, setpoint=0., weight=1.,
+  alpha=train_cfg.alpha) -> (loss, aux) for GPT-2 (next token) or BERT (MLM).
 
   loss = NLL + weight * (alpha / 2) (H(B_t) - setpoint)^2 for the feedback forms with a
-  loss term (`feedback_setpoint` gives setpoint and weight); NLL alone for 'psu_only'
-  and for alpha = 0 (bit for bit plain MLE). aux holds nll, entropy, nll_sum,
+  loss term (`feedback_setpoint` gives setpoint and weight); NLL alone for 'psu_only'.
+  alpha may be traced: at alpha = 0 the term and its gradient are exact zeros, and the
+  loss and gradient equal plain MLE's bit for bit (tested). aux holds nll, entropy, nll_sum,
   entropy_sum, tokens and `collections`: what the forward wrote to `STEP_COLLECTIONS`.
   Passing those back as `frozen` (with the same key) replays the forward with the same
   DMU masks and DTU key sets at other parameters.
   """
-  has_term = train_cfg.alpha > 0 and train_cfg.feedback != "psu_only"
+  has_term = train_cfg.feedback != "psu_only"
 
-  def loss_fn(params, batch, key, deterministic=False, frozen=None, setpoint=0.0, weight=1.0):
+  def loss_fn(params, batch, key, deterministic=False, frozen=None, setpoint=0.0, weight=1.0,
+              alpha=train_cfg.alpha):
     tokens, mask = batch["tokens"], batch["mask"]
     k_dmu, k_dtu, k_drop, k_mlm = jax.random.split(key, 4)
     rngs = {"dmu": k_dmu, "dtu": k_dtu, "dropout": k_drop}
@@ -144,7 +180,7 @@ def make_loss_fn(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfi
     entropy = feedback.predictive_entropy(logits, weights)
     loss = nll
     if has_term:
-      loss = nll + weight * feedback.feedback_loss(entropy, train_cfg.alpha, setpoint)
+      loss = nll + weight * feedback.feedback_loss(entropy, alpha, setpoint)
     tokens = jnp.sum(weights.astype(jnp.float32))
     aux = {"nll": nll, "entropy": entropy, "nll_sum": jnp.sum(nll_tokens * weights),
            "entropy_sum": entropy * tokens, "tokens": tokens, "collections": dict(collections)}
@@ -153,21 +189,23 @@ def make_loss_fn(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfi
   return loss_fn
 
 
-def feedback_setpoint(train_cfg: TrainConfig, step: jax.Array, entropy_ema: jax.Array
-                      ) -> tuple[jax.Array, jax.Array]:
+def feedback_setpoint(train_cfg: TrainConfig, step: jax.Array, entropy_ema: jax.Array,
+                      scalars: StepScalars | None = None) -> tuple[jax.Array, jax.Array]:
   """(setpoint, weight) of the feedback term at `step` (see `configs.FEEDBACK_FORMS`).
 
   'zero': (0, 1). 'data': (H_data, 1). 'ema': the bias-corrected EMA of H(B_t) over the
   steps before this one (a constant here, so the gradient moves H toward it from either
   side and never moves the average itself), with weight 0 at step 0, which has no
-  average yet. 'psu_only' has no term (the values are unused).
+  average yet. 'psu_only' has no term (the values are unused). The form is static; H_data
+  and the decay come from `scalars` (default: the config's).
   """
+  sc = StepScalars.of(train_cfg) if scalars is None else scalars
   one = jnp.ones((), jnp.float32)
   if train_cfg.feedback == "data":
-    return jnp.asarray(train_cfg.feedback_target, jnp.float32), one
+    return jnp.asarray(sc.feedback_target, jnp.float32), one
   if train_cfg.feedback == "ema":
     seen = step.astype(jnp.float32)
-    debias = 1.0 - jnp.power(jnp.float32(train_cfg.feedback_ema_decay), seen)
+    debias = 1.0 - jnp.power(jnp.asarray(sc.feedback_ema_decay, jnp.float32), seen)
     return entropy_ema / jnp.maximum(debias, 1e-12), (step > 0).astype(jnp.float32)
   return jnp.zeros((), jnp.float32), one
 
@@ -189,6 +227,8 @@ class Trainer:
   train_step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
   eval_step: Callable[[Any, dict, jax.Array], dict]
   c_tilde: float
+  scalars: StepScalars  # the run's traced scalars, passed to every train step
+  jit_train_step: Any  # train_step's jitted function: (state, batch, neg_log_freq, scalars)
 
   @classmethod
   def create(cls, cfg: RunConfig, ids: SpecialIds, mesh: jax.sharding.Mesh | None = None,
@@ -210,9 +250,10 @@ class Trainer:
     def init_params(key):
       return model.init({"params": key}, dummy, deterministic=True)["params"]
 
-    seed_key = jax.random.PRNGKey(t.seed)
-    param_key, state_key = jax.random.split(seed_key)
-    abstract_boxed = jax.eval_shape(init_params, param_key)
+    # The seed is an argument of the jitted init, not a constant of it (StepScalars).
+    seed = np.int32(t.seed)
+    keys = lambda seed: jax.random.split(jax.random.PRNGKey(seed))  # noqa: E731
+    abstract_boxed = jax.eval_shape(lambda s: init_params(keys(s)[0]), seed)
     abstract_params = nn.unbox(abstract_boxed)
     units = cfg.model
     if cfg.psu.c_tilde_from == "full":
@@ -220,13 +261,17 @@ class Trainer:
                             dtu=dataclasses.replace(units.dtu, enabled=True))
     c_tilde = feedback.learning_complexity(units, t.seq_len)
     tx = optim.make_optimizer(t, cfg.psu, c_tilde)
+    scalars = StepScalars.of(t)
 
-    def init_fn():
-      params = nn.unbox(init_params(param_key))
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                        key=state_key, entropy_ema=jnp.zeros((), jnp.float32))
+    def init_from_params(params, seed):
+      opt_state = optim.make_optimizer(t, cfg.psu, c_tilde, seed=seed).init(params)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                        key=keys(seed)[1], entropy_ema=jnp.zeros((), jnp.float32))
 
-    abstract_state = jax.eval_shape(init_fn)
+    def init_fn(seed):
+      return init_from_params(nn.unbox(init_params(keys(seed)[0])), seed)
+
+    abstract_state = jax.eval_shape(init_fn, seed)
     if pretrained is not None:
       from stabjax.models.hf import check_shapes
       check_shapes(pretrained, abstract_params, cfg.model.name)
@@ -242,10 +287,11 @@ class Trainer:
       raise ValueError("--feedback=data needs its setpoint H_data: pass --feedback_target "
                        "(run.resolve_feedback_target fills it in on synthetic data)")
 
-    def train_step(state: TrainState, batch: dict, neg_log_freq: jax.Array):
+    def train_step(state: TrainState, batch: dict, neg_log_freq: jax.Array, sc: StepScalars):
       key = jax.random.fold_in(state.key, state.step)
-      setpoint, weight = feedback_setpoint(t, state.step, state.entropy_ema)
-      fb = dict(setpoint=setpoint, weight=weight)
+      setpoint, weight = feedback_setpoint(t, state.step, state.entropy_ema, sc)
+      fb = dict(setpoint=setpoint, weight=weight, alpha=sc.alpha)
+      tx = optim.make_optimizer(sc, cfg.psu, c_tilde, seed=0)  # the seed only enters init
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key,
                                                                     **fb)
       collections = {k: v for k, v in aux["collections"].items() if v}
@@ -263,28 +309,27 @@ class Trainer:
       if t.feedback in ("ema", "data"):
         metrics["feedback/setpoint"] = setpoint
       metrics.update({f"psu/{k}": v for k, v in psu_metrics(opt_state).items()})
-      d = jnp.float32(t.feedback_ema_decay)
+      d = sc.feedback_ema_decay
       ema = d * state.entropy_ema + (1.0 - d) * jax.lax.stop_gradient(aux["entropy"])
       return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                            entropy_ema=ema), metrics
 
     def eval_step(params, batch, key):
-      _, aux = loss_fn(params, batch, key, deterministic=True)
+      # A Python alpha = 0: no term, so the program is the same for every alpha.
+      _, aux = loss_fn(params, batch, key, deterministic=True, alpha=0.0)
       return {k: aux[k] for k in ("nll_sum", "entropy_sum", "tokens")}
 
-    def init_from_params(params):
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                        key=state_key, entropy_ema=jnp.zeros((), jnp.float32))
-
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      jit_init = jax.jit(init_fn, out_shardings=state_sh)
+      jit_seeded = jax.jit(init_fn, out_shardings=state_sh)
+      jit_init = lambda: jit_seeded(seed)  # noqa: E731
       if pretrained is not None:
         # Passed in, not closed over: the weights stay arguments, never jit constants.
-        jit_from = jax.jit(init_from_params, in_shardings=(param_sh,), out_shardings=state_sh)
+        jit_from = jax.jit(init_from_params, in_shardings=(param_sh, repl),
+                           out_shardings=state_sh)
         host_params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), pretrained,
                                    abstract_params)
-        jit_init = lambda: jit_from(jax.device_put(host_params, param_sh))  # noqa: E731
-      jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl),
+        jit_init = lambda: jit_from(jax.device_put(host_params, param_sh), seed)  # noqa: E731
+      jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl, repl),
                           out_shardings=(state_sh, repl), donate_argnums=(0,))
       jit_eval = jax.jit(eval_step, in_shardings=(param_sh, batch_sh, repl), out_shardings=repl)
 
@@ -295,9 +340,13 @@ class Trainer:
           return f(*a)
       return wrapped
 
+    scalars = jax.device_put(scalars, repl)
     return cls(cfg=cfg, model=model, mesh=mesh, tx=tx, state_shardings=state_sh,
                abstract_state=abstract_state, init_state=under_mesh(jit_init),
-               train_step=under_mesh(jit_train), eval_step=under_mesh(jit_eval), c_tilde=c_tilde)
+               train_step=under_mesh(lambda state, batch, freq: jit_train(state, batch, freq,
+                                                                          scalars)),
+               eval_step=under_mesh(jit_eval), c_tilde=c_tilde, scalars=scalars,
+               jit_train_step=jit_train)
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A process's rows of the global batch -> global arrays sharded over the batch axes."""
@@ -316,6 +365,6 @@ class Trainer:
     freq = jax.ShapeDtypeStruct((self.cfg.model.vocab_size,), jnp.float32,
                                 sharding=sharding.replicated(self.mesh))
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      return self.train_step.__wrapped__.lower(state, batch, freq)
+      return self.jit_train_step.lower(state, batch, freq, self.scalars)
 
 

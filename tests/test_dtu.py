@@ -177,6 +177,27 @@ def test_full_attention_equals_the_einsum_softmax_in_values_and_gradients(causal
                               atol=1e-5, rtol=1e-5)
 
 
+def test_masked_attention_equals_the_einsum_softmax_in_values_and_gradients():
+  """The DTU's dense path (dot_product_attention with the key sets as its mask) against
+  the masked einsum softmax it replaced, on random sets that include empty rows (-> 0)."""
+  ks = jax.random.split(jax.random.key(12), 5)
+  q, k, v = (jax.random.normal(kk, (B, H, T, 8)) for kk in ks[:3])
+  selected = jax.random.bernoulli(ks[3], 0.3, (B, H, T, T)).at[0, 1, 2].set(False)
+  r = jax.random.normal(ks[4], q.shape)
+
+  def einsum(q, k, v, selected):
+    logits = jnp.einsum("bhqd,bhtd->bhqt", q, k) / jnp.sqrt(q.shape[-1])
+    w = jax.nn.softmax(jnp.where(selected, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.einsum("bhqt,bhtd->bhqd", w * selected, v)
+
+  out = dtu_lib.masked_attention(q, k, v, selected)
+  chex.assert_shape(out, q.shape)
+  np.testing.assert_array_equal(out[0, 1, 2], 0.0)
+  chex.assert_trees_all_close(out, einsum(q, k, v, selected), atol=1e-5, rtol=1e-5)
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(r * f(*a, selected)), argnums=(0, 1, 2))(q, k, v)
+  chex.assert_trees_all_close(grad(dtu_lib.masked_attention), grad(einsum), atol=1e-5, rtol=1e-5)
+
+
 def test_sampled_path_keeps_everything_when_few_candidates(x):
   # 4 real keys per example, keep = 5 < T: the sampled (gathered) path must keep every
   # candidate and so equal full attention.

@@ -3,6 +3,8 @@ sub-network, parameters and optimizer state alike)."""
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,22 @@ def test_sgd_is_plain_sgd_on_the_l2_regularised_loss():
   np.testing.assert_allclose(u["block_0"]["bias"], -0.1 * np.asarray(g["block_0"]["bias"]),
                              rtol=1e-6)
   np.testing.assert_allclose(u["ln_f"]["scale"], -0.1 * np.asarray(g["ln_f"]["scale"]), rtol=1e-6)
+
+
+
+def test_lr_schedule_matches_optax_warmup_cosine_with_traced_scalars():
+  """Our schedule against optax's warmup_cosine_decay_schedule (warmup clamped to
+  steps - 1, a 1-step run), with every scalar traced: optax's own branches on them."""
+  for steps, warmup in ((50, 10), (50, 0), (5, 9), (1, 3)):
+    lr, ratio = 2e-3, 0.1
+    w = min(warmup, steps - 1) if steps > 1 else 0
+    ref = optax.warmup_cosine_decay_schedule(0.0, lr, w, max(steps, w + 1), end_value=lr * ratio)
+    counts = np.arange(steps + 3)
+
+    @jax.jit
+    def ours(c, steps_, warmup_, lr_, ratio_):
+      return optim.lr_schedule(types.SimpleNamespace(
+          steps=steps_, warmup_steps=warmup_, lr=lr_, min_lr_ratio=ratio_))(c)
+
+    np.testing.assert_allclose(ours(counts, float(steps), float(warmup), lr, ratio),
+                               [float(ref(c)) for c in counts], rtol=2e-6, atol=1e-12)

@@ -258,3 +258,54 @@ def test_gpt2_1b_step_compiles_on_8_devices_from_abstract_shapes():
   args_gib = float(row.split("|")[6])
   # 1.0e9 params x (param + 2 Adam moments) x 4 bytes / 8 devices ~ 1.5 GiB per device.
   assert 1.0 < args_gib < 2.5, row
+
+
+@pytest.mark.parametrize("form", ["zero", "data"])
+def test_traced_alpha_zero_is_plain_mle_bit_for_bit(form):
+  """alpha is a traced argument of the step, so at alpha = 0 the feedback term is still in
+  the program, multiplied by zero. Three steps (units and PSU on) must equal, bit for bit,
+  those of the program with no term at all (psu_only: loss = nll)."""
+  runs = {}
+  for f in (form, "psu_only"):
+    kw = {"feedback_target": 1.5} if f == "data" else {}
+    cfg = tiny_config(alpha=0.0, feedback=f, **kw)
+    trainer = Trainer.create(cfg, IDS)
+    state = trainer.init_state()
+    freq = jnp.linspace(0.0, 3.0, cfg.model.vocab_size)
+    for i in range(3):
+      state, m = trainer.train_step(state, trainer.put_batch(random_batch(i, cfg)), freq)
+    runs[f] = jax.device_get((state.params, state.opt_state, m["nll"], m["grad_norm"]))
+  for a, b in zip(jax.tree.leaves(runs[form]), jax.tree.leaves(runs["psu_only"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_runs_that_differ_only_in_scalars_lower_to_one_program():
+  """alpha, H_data, the schedule, AdamW's scalars and the seed are arguments, not
+  constants: two such configs lower the train and eval steps to the same text (so the
+  persistent compilation cache compiles a sweep's shape once), and each still trains with
+  its own values."""
+  a = tiny_config(alpha=0.05, feedback="data", feedback_target=1.0, seed=0)
+  b = tiny_config(alpha=0.2, feedback="data", feedback_target=2.5, seed=7, lr=1e-2, steps=40,
+                  warmup_steps=5, min_lr_ratio=0.3, weight_decay=0.1, clip_norm=0.5, b1=0.8,
+                  b2=0.99, feedback_ema_decay=0.5)
+  ta, tb = Trainer.create(a, IDS), Trainer.create(b, IDS)
+  assert ta.lower_train_step().as_text() == tb.lower_train_step().as_text()
+  ev = lambda t: t.eval_step.__wrapped__.lower(  # noqa: E731
+      t.abstract_state.params, {k: jax.ShapeDtypeStruct((8, 16), jnp.int32)
+                                for k in ("tokens", "mask")},
+      jax.ShapeDtypeStruct((2,), jnp.uint32)).as_text()
+  assert ev(ta) == ev(tb)
+  # A changed shape is a new program (the comparison above can fail).
+  tc = Trainer.create(tiny_config(alpha=0.05, feedback="data", feedback_target=1.0,
+                                  batch_size=4), IDS)
+  assert tc.lower_train_step().as_text() != ta.lower_train_step().as_text()
+  # The values reach the step: the seed the init, alpha and H_data the loss.
+  sa, sb = ta.init_state(), tb.init_state()
+  assert not np.array_equal(jax.device_get(sa.params["wpe"]), jax.device_get(sb.params["wpe"]))
+  batch = random_batch(0, a)
+  freq = jnp.zeros((a.model.vocab_size,), jnp.float32)
+  _, ma = ta.train_step(sa, ta.put_batch(batch), freq)
+  _, mb = tb.train_step(sb, tb.put_batch(batch), freq)
+  for m, alpha, target in ((ma, 0.05, 1.0), (mb, 0.2, 2.5)):
+    np.testing.assert_allclose(float(m["loss"]), float(m["nll"]) + alpha / 2
+                               * (float(m["entropy"]) - target) ** 2, rtol=1e-5)
