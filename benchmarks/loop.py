@@ -12,6 +12,8 @@ step: consecutive `trainer.train_step` calls on one device-resident batch, ended
 `block_until_ready`. Rounds (bare, short run, long run) repeat --repeats times
 (`benchmarks.common.time_interleaved`); medians.
 
+The loop is timed with and without `--lagged_metrics` (metrics read one step late).
+
   python benchmarks/loop.py                 # gpt2_tiny, batch 8 x 64
 """
 
@@ -55,9 +57,10 @@ def main(argv):
   dataset = load_dataset(DataConfig(spec="synthetic", seq_len=t), seed=0)
   model = configs.get_model_config(FLAGS.model).replace(vocab_size=dataset.tokenizer.vocab_size)
 
-  def run_config(steps: int) -> RunConfig:
+  def run_config(steps: int, lagged: bool = False) -> RunConfig:
     train = configs.TrainConfig(batch_size=b, seq_len=t, steps=steps, warmup_steps=5,
-                                eval_every=steps, eval_batches=1, checkpoint_every=steps)
+                                eval_every=steps, eval_batches=1, checkpoint_every=steps,
+                                lagged_metrics=lagged)
     gen = degeneration.GenerationEvalConfig(num_samples=2, prompt_len=4, max_new_tokens=4)
     return RunConfig(model=model, train=train, generation=gen)
 
@@ -73,19 +76,23 @@ def main(argv):
     holder["state"] = state
     return metrics
 
-  def run(steps: int) -> None:
+  def run(steps: int, lagged: bool = False) -> None:
     with tempfile.TemporaryDirectory() as workdir:
-      train_and_evaluate(run_config(steps), workdir, dataset, show_progress=False)
+      train_and_evaluate(run_config(steps, lagged), workdir, dataset, show_progress=False)
 
   print(f"# {model.name}, batch {b} x seq {t}; {common.machine_description()}")
   # The warm-up call compiles the bare step and fills the compilation cache for the runs.
   timings = common.time_interleaved(
       {"bare": bare, "short": lambda: run(FLAGS.steps),
-       "long": lambda: run(FLAGS.steps + FLAGS.extra_steps)}, repeats=FLAGS.repeats)
-  samples = {
-      "bare step": [x / FLAGS.extra_steps for x in timings["bare"].times_s],
-      "train_and_evaluate": [(lo - sh) / FLAGS.extra_steps for sh, lo in
-                             zip(timings["short"].times_s, timings["long"].times_s)]}
+       "long": lambda: run(FLAGS.steps + FLAGS.extra_steps),
+       "short lagged": lambda: run(FLAGS.steps, lagged=True),
+       "long lagged": lambda: run(FLAGS.steps + FLAGS.extra_steps, lagged=True)},
+      repeats=FLAGS.repeats)
+  per_step = lambda sh, lo: [(y - x) / FLAGS.extra_steps  # noqa: E731
+                             for x, y in zip(timings[sh].times_s, timings[lo].times_s)]
+  samples = {"bare step": [x / FLAGS.extra_steps for x in timings["bare"].times_s],
+             "train_and_evaluate": per_step("short", "long"),
+             "train_and_evaluate --lagged_metrics": per_step("short lagged", "long lagged")}
   base = statistics.median(samples["bare step"])
   rows = [[name, f"{1e3 * statistics.median(s):.2f}",
            f"{1e3 * min(s):.2f}-{1e3 * max(s):.2f}", f"{statistics.median(s) / base:.3f}x"]

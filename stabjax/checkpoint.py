@@ -12,7 +12,9 @@ a corrupt checkpoint aside while the others wait at a barrier.
 
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 import threading
 from typing import Any, Callable
 
@@ -28,12 +30,46 @@ class CheckpointError(RuntimeError):
   """No intact checkpoint to resume from, or one could not be written; one line."""
 
 
+class _QuietFailedWrites(logging.Filter):
+  """While a Checkpointer is open: drop orbax's own ERROR records (a failed async write
+  logs its traceback from the writer threads; the failure reaches `save`/`close` as an
+  exception, which becomes one CheckpointError line)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+def _closed_loop(kind, value) -> bool:
+  return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
+def _unraisablehook_without_closed_loops(previous):
+  """sys.unraisablehook that skips tensorstore's 'Event loop is closed': its write
+  callbacks still fire after orbax closed the event loop of a failed save, one per
+  pending write."""
+  def hook(unraisable):
+    if not _closed_loop(unraisable.exc_type, unraisable.exc_value):
+      previous(unraisable)
+  hook.stabjax_quiet = True
+  return hook
+
+
+_QUIET = _QuietFailedWrites()
+
+
+def _quiet_orbax() -> None:
+  logging.getLogger("absl").addFilter(_QUIET)
+  if not getattr(sys.unraisablehook, "stabjax_quiet", False):
+    sys.unraisablehook = _unraisablehook_without_closed_loops(sys.unraisablehook)
+
+
 class Checkpointer:
   """A thin `ocp.CheckpointManager` wrapper: save / restore latest / preemption."""
 
   def __init__(self, directory, keep: int = 3):
     self.directory = str(paths.absolute(directory))
     self._keep = keep
+    _quiet_orbax()
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:

@@ -10,6 +10,7 @@ version and the compile options, so a stale entry is never used for another prog
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 
@@ -28,4 +29,8 @@ def enable(directory: str | None) -> str | None:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # An entry that cannot be written (a full disk), or one left truncated, only costs a
+  # compile: the run goes on, and the launcher's one-line errors stay one line.
+  warnings.filterwarnings("ignore",
+                          message="Error (reading|writing) persistent compilation cache entry")
   return path

@@ -224,6 +224,10 @@ class TrainConfig:
     checkpoint_every: checkpoint every N steps.
     keep_checkpoints: checkpoints kept.
     log_every: log metrics every N steps.
+    lagged_metrics: read each step's metrics (loss check, progress bar, log) one step
+      late, after the next step is dispatched, so the host does not wait for the device
+      between steps; a non-finite loss then stops the run one step later. Off by default:
+      not measured faster on CPU, not yet measured on GPU/TPU (benchmarks/loop.py).
   """
 
   steps: int = 300
@@ -249,6 +253,7 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   log_every: int = 1
+  lagged_metrics: bool = False
 
   def __post_init__(self):
     if self.alpha < 0:

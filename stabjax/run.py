@@ -208,7 +208,7 @@ class WorkdirError(RuntimeError):
 # name covers the whole section.
 RESUMABLE = ("generation", "data.cache_dir", "train.eval_every", "train.eval_batches",
              "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-             "train.mesh")
+             "train.lagged_metrics", "train.mesh")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -463,15 +463,15 @@ def _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start, show_prog
   with sigterm_flag as sigterm, tqdm.tqdm(total=t.steps, initial=start, desc="train",
                                            disable=not show_progress, unit="step") as bar:
     last_time = time.perf_counter()
-    while step < t.steps:
-      batch = trainer.put_batch(next(train_it))
-      state, metrics = trainer.train_step(state, batch, neg_log_freq)
-      step += 1
+    pending = []  # with t.lagged_metrics: the last step's (step, metrics), not yet read
+
+    def record(done_step, metrics):
+      nonlocal last_time
       metrics = jax.device_get(metrics)
       if not np.isfinite(metrics["loss"]):
         raise NonFiniteLossError(
-            f"non-finite loss ({metrics['loss']}) at step {step}; the last good checkpoint is "
-            f"step {ckpt.latest_step()} in {ckpt.directory}")
+            f"non-finite loss ({metrics['loss']}) at step {done_step}; the last good checkpoint "
+            f"is step {ckpt.latest_step()} in {ckpt.directory}")
       now = time.perf_counter()
       # Wall time between steps (the first includes compilation): tokens/s per device and,
       # where the device's peak is known, MFU.
@@ -484,9 +484,25 @@ def _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start, show_prog
       bar.set_postfix(postfix)
       bar.update(1)
       last_time = now
-      if step % t.log_every == 0 or step == t.steps:
-        writer.write(step, {**metrics, "lr": lr_schedule(t)(step - 1), **perf})
+      if done_step % t.log_every == 0 or done_step == t.steps:
+        writer.write(done_step, {**metrics, "lr": lr_schedule(t)(done_step - 1), **perf})
+
+    def flush():
+      while pending:
+        record(*pending.pop())
+
+    while step < t.steps:
+      batch = trainer.put_batch(next(train_it))
+      state, metrics = trainer.train_step(state, batch, neg_log_freq)
+      step += 1
+      # Lagged: this step's metrics are read after the next step is dispatched, so the
+      # host never waits for the device between steps.
+      flush()
+      pending.append((step, metrics))
+      if not t.lagged_metrics:
+        flush()
       if step % t.eval_every == 0 or step == t.steps:
+        flush()  # metrics rows in step order
         row = evaluate(trainer, state.params, dataset, cfg)
         if cfg.generation.eval_gen_prompts:
           gen, shown = evaluate_generation(trainer, generation_params(state.params), dataset,
@@ -496,6 +512,7 @@ def _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start, show_prog
         writer.write(step, row)
       stop = bool(sigterm) or ckpt.reached_preemption(step)
       if step % t.checkpoint_every == 0 or step == t.steps or stop:
+        flush()  # every saved step's loss checked first
         if not _all_finite(state.params):
           raise NonFiniteLossError(
               f"non-finite parameters after step {step}; not saved; the last good checkpoint is "
@@ -505,6 +522,7 @@ def _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start, show_prog
       if stop:
         status = "preempted"
         break
+    flush()
   return step, status, state
 
 

@@ -67,3 +67,36 @@ def test_logged_generation_metrics_equal_the_end_of_run_code_on_the_same_samples
   assert logged["gen/hf_proportion"] == pytest.approx(result["sample"]["hf_proportion"], abs=1e-9)
   assert logged["gen/generative_entropy"] == pytest.approx(
       result["sample"]["generative_entropy"], rel=1e-5)
+
+
+def _train_rows(workdir):
+  return [{k: v for k, v in r.items() if not k.startswith("perf/")}
+          for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_lagged_metrics_log_the_same_rows_and_train_the_same(finished_run, tmp_path):
+  """--lagged_metrics reads each step's metrics after the next step is dispatched: the
+  rows (but the timings), their order and the summary are those of the unlagged run."""
+  cfg, data, workdir, summary = finished_run
+  lagged = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lagged_metrics=True,
+                                                              checkpoint_every=4))
+  out = train_and_evaluate(lagged, str(tmp_path), data, show_progress=False)
+  assert _train_rows(str(tmp_path)) == _train_rows(workdir)
+  assert out["generation"] == summary["generation"]
+
+
+@pytest.mark.parametrize("lagged", [False, True])
+def test_a_non_finite_loss_names_its_step_with_or_without_lag(finished_run, tmp_path, lagged):
+  """A lagged run reads a step's loss one step later, but still names that step (and
+  never checkpoints a step whose loss it has not checked)."""
+  from stabjax.run import NonFiniteLossError
+  cfg, data, _, _ = finished_run
+  bad = dataclasses.replace(cfg, psu=PSUConfig(enabled=False), train=dataclasses.replace(
+      cfg.train, lr=1e38, clip_norm=1e30, warmup_steps=1, lagged_metrics=lagged,
+      checkpoint_every=100, eval_every=100, steps=8))
+  with pytest.raises(NonFiniteLossError, match=r"at step (\d+);") as err:
+    train_and_evaluate(bad, str(tmp_path), data, show_progress=False)
+  rows = read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
+  first_bad = int(str(err.value).split("at step ")[1].split(";")[0])
+  assert [r["step"] for r in rows] == list(range(1, first_bad))
+  assert not os.path.exists(os.path.join(str(tmp_path), "checkpoints", str(first_bad)))

@@ -134,10 +134,6 @@ def test_a_second_run_on_a_live_workdir_is_refused_and_a_killed_run_leaves_no_lo
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "measured 2026-12-02: the run exits 1 with the one-line 'cannot write a checkpoint' "
-    "error and checkpoint 10 stays intact, but orbax's writer thread first prints its own "
-    "traceback of the failed OCDBT write (EFBIG) to stderr, so stderr is not one line"))
 def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_intact(tmp_path):
   wd = tmp_path / "full"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
