@@ -4,14 +4,15 @@
 # tokens/s, MFU (model FLOPs over the device's dense bf16 peak, stabjax/throughput.py) and
 # the compiled step's memory per device, plain vs all units on (feedback + PSU linear +
 # DMU dfix c~=0.5 + DTU keep=T/4) and all on with the PSU's exact value; then KV-cache
-# generation against recomputation. Each step.py call interleaves its configurations, so
+# generation against recomputation. On a GPU the plain model also runs with cuDNN flash
+# attention (--dtu_attention=cudnn). Each step.py call interleaves its configurations, so
 # the "vs plain" ratios come from one process.
 #
 #   bash benchmarks/accelerator.sh 2>&1 | tee accelerator.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-ONLY="plain,+DTU keep=T/4 (all on),all on, PSU exact"
+ONLY="plain,+DTU keep=T/4 (all on),all on + PSU exact,plain + cuDNN attention"  # the last: GPU only
 # The batch is a multiple of 8 devices (a v5e-8 host); remat where activations would not fit.
 $PY benchmarks/step.py --model=gpt2_small --dtype=bfloat16 --batch_size=16 --seq_len=1024 \
     --steps=5 --repeats=5 --only="$ONLY"

@@ -50,15 +50,17 @@ flags.DEFINE_integer("batch_size", 16, "Global batch (sequences per step).")
 flags.DEFINE_integer("seq_len", 256, "Sequence length T (at most the model's max_len).")
 flags.DEFINE_integer("steps", 4, "Consecutive train steps per timed sample.")
 flags.DEFINE_integer("repeats", 7, "Timed samples per configuration (median reported).")
-flags.DEFINE_string("only", "", "Comma-separated configuration names to run (default all).")
+flags.DEFINE_string("only", "", "Comma-separated configuration names to run (default all); "
+                    "a name that matches none is an error.")
 flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).")
 flags.DEFINE_bool("remat", False, "Rematerialise blocks in the backward pass (large models).")
 flags.DEFINE_bool("scan_layers", False, "Stack blocks with nn.scan (large models).")
 FLAGS = flags.FLAGS
 
 
-def _configurations(seq_len: int):
-  """[(name, ModelConfig overrides, TrainConfig overrides, PSUConfig kwargs)]."""
+def _configurations(seq_len: int, gpu: bool = False):
+  """[(name, ModelConfig overrides, TrainConfig overrides, PSUConfig kwargs)]; on a GPU
+  also the plain model with cuDNN flash attention."""
   from stabjax import configs
   dmu = configs.DMUConfig(enabled=True, c_tilde=0.5, mode="dfix")
   dtu = configs.DTUConfig(enabled=True, keep=max(1, seq_len // 4))
@@ -75,10 +77,11 @@ def _configurations(seq_len: int):
       ("PSU exact (fb + exact)", {}, fb, exact),
       ("+DMU dfix c~=0.5", {"dmu": dmu}, fb, lin),
       ("+DTU keep=T/4 (all on)", {"dmu": dmu, "dtu": dtu}, fb, lin),
-      ("all on, PSU exact", {"dmu": dmu, "dtu": dtu}, fb, exact),
+      ("all on + PSU exact", {"dmu": dmu, "dtu": dtu}, fb, exact),
       ("DMU only", {"dmu": dmu}, plain, off),
       ("DTU only", {"dtu": dtu}, plain, off),
-  ]
+  ] + ([("plain + cuDNN attention", {"dtu": configs.DTUConfig(enabled=False, attention="cudnn")},
+         plain, off)] if gpu else [])
 
 
 def main(argv):
@@ -98,9 +101,14 @@ def main(argv):
   if t > base.max_len:
     raise app.UsageError(f"--seq_len={t} exceeds {base.name}'s max_len={base.max_len}")
   wanted = [s.strip() for s in FLAGS.only.split(",") if s.strip()]
-  rows = [r for r in _configurations(t) if not wanted or r[0] in wanted]
+  every = _configurations(t, gpu=jax.default_backend() == "gpu" and FLAGS.dtype != "float32")
+  unknown = [w for w in wanted if w not in [r[0] for r in every]]
+  if unknown:
+    raise app.UsageError(f"--only: no configuration {', '.join(map(repr, unknown))}; accepted: "
+                         f"{', '.join(r[0] for r in every)}")
+  rows = [r for r in every if not wanted or r[0] in wanted]
   if not rows or rows[0][0] != "plain":
-    rows = [r for r in _configurations(t) if r[0] == "plain"] + rows
+    rows = [r for r in every if r[0] == "plain"] + rows
 
   rng = np.random.default_rng(0)
   tokens = rng.integers(4, base.vocab_size, (b, t)).astype(np.int32)

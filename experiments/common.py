@@ -386,6 +386,10 @@ def check_mesh(cfg) -> None:
   if cfg.train.batch_size % dp:
     fail(f"--batch_size={cfg.train.batch_size} is not divisible by the {dp} data-parallel "
          f"devices of --mesh={cfg.train.mesh}; accepted: a multiple of {dp}")
+  if cfg.model.dtu.attention == "cudnn" and (jax.default_backend() != "gpu" or
+                                              cfg.model.dtype == "float32"):
+    fail(f"--dtu_attention=cudnn needs a GPU and --dtype=bfloat16 or float16 (here: "
+         f"{jax.default_backend()}, {cfg.model.dtype}); accepted: --dtu_attention=xla")
 
 
 def prepare_run(F):

@@ -20,6 +20,8 @@ DMUMode = Literal["dmu2_prob", "dmu2_fix", "dprob", "dfix"]
 DMU_MODES: tuple[str, ...] = typing.get_args(DMUMode)
 DTUScores = Literal["key_norm", "uniform"]
 DTU_SCORES: tuple[str, ...] = typing.get_args(DTUScores)
+AttentionImpl = Literal["xla", "cudnn"]
+ATTENTION_IMPLS: tuple[str, ...] = typing.get_args(AttentionImpl)
 DType = Literal["float32", "bfloat16"]
 DTYPES: tuple[str, ...] = typing.get_args(DType)
 
@@ -59,12 +61,17 @@ class DTUConfig:
     scores: the compatibility scores c~_j keys are sampled by: key_norm (the L2 norm of
       the key, no gradient) or uniform.
     block_q: queries per block of the gathered computation (bounds its memory).
+    attention: the kernel of full attention (the unit off, evaluation, keep >= T):
+      xla, or cudnn (cuDNN flash attention: GPU, bfloat16/float16, padding at the end
+      of a row only; not measured here, no GPU was lent). Sampled attention and KV-cache
+      decoding always use XLA.
   """
 
   enabled: bool = True
   keep: int = 32
   scores: DTUScores = "key_norm"
   block_q: int = 256
+  attention: AttentionImpl = "xla"
 
   def __post_init__(self):
     if self.keep < 1:
@@ -73,6 +80,9 @@ class DTUConfig:
       raise ValueError(f"scores must be one of {', '.join(DTU_SCORES)}, got {self.scores!r}")
     if self.block_q < 1:
       raise ValueError(f"block_q must be >= 1, got {self.block_q}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got "
+                       f"{self.attention!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,6 +133,8 @@ BAD_FLAGS = [
     ("--optimizer=adam", "--optimizer"),
     ("--psu_grad_max_decay=0", "grad_max_decay"),
     ("--psu_c_tilde_from=half", "--psu_c_tilde_from"),
+    ("--dtu_attention=flash", "--dtu_attention"),
+    ("--dtu_attention=cudnn", "--dtu_attention=cudnn"),  # no GPU here
 ]
 
 

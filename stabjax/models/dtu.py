@@ -456,12 +456,20 @@ def sampled_attention(rng: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
   return out, unblock(indices), unblock(valid)
 
 
-def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+                   impl: str = "xla", causal: bool = False,
+                   mask: jax.Array | None = None) -> jax.Array:
   """Standard attention, q [B, Q, H, Dh], k, v [B, T, H, Dh], allowed [B|1, 1, Q, T].
 
-  `jax.nn.dot_product_attention` (its XLA implementation: logits accumulated and the
-  softmax taken in float32), the one entry point where backends add fused kernels.
+  `jax.nn.dot_product_attention`, the one entry point where backends add fused kernels.
+  impl 'xla': logits accumulated and the softmax taken in float32, under `allowed`.
+  impl 'cudnn': cuDNN flash attention, which takes the mask as `causal` and per-row key
+  lengths (`mask` [B, T], real tokens first: stabjax pads at the end) instead of `allowed`.
   """
+  if impl == "cudnn":
+    lengths = None if mask is None else jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                        key_value_seq_lengths=lengths, implementation="cudnn")
   return jax.nn.dot_product_attention(q, k, v, mask=allowed)
 
 
@@ -517,7 +525,8 @@ class DTU(nn.Module):
         out, _, _ = sampled_attention(self.make_rng("dtu"), q, k, v, cfg, self.causal, mask,
                                       return_sets=False, log_scores=log_scores)
       else:
-        out = full_attention(q, k, v, _candidates(jnp.arange(t), t, mask, self.causal))
+        out = full_attention(q, k, v, _candidates(jnp.arange(t), t, mask, self.causal),
+                             cfg.attention, self.causal, mask)
     chex.assert_shape(out, (b, t, h, hd))
     return jnp.einsum("bqhk,hkd->bqd", out, cast(o_kernel)) + cast(o_bias)
 
