@@ -287,5 +287,7 @@ class TrainConfig:
       raise ValueError(f"--seq_len must be >= 2, got {self.seq_len}")
     if self.lr <= 0:
       raise ValueError(f"--lr must be > 0, got {self.lr}")
+    if not 0 <= self.seed < 2**31:  # an int32 argument of the jitted init
+      raise ValueError(f"--seed must be in [0, 2^31), got {self.seed}")
     if not 0 < self.mlm_prob < 1:
       raise ValueError(f"--mlm_prob must be in (0, 1), got {self.mlm_prob}")

@@ -134,6 +134,7 @@ BAD_FLAGS = [
     ("--psu_grad_max_decay=0", "grad_max_decay"),
     ("--psu_c_tilde_from=half", "--psu_c_tilde_from"),
     ("--dtu_attention=flash", "--dtu_attention"),
+    ("--seed=-1", "--seed"),
     ("--dtu_attention=cudnn", "--dtu_attention=cudnn"),  # no GPU here
 ]
 
