@@ -13,9 +13,11 @@ a corrupt checkpoint aside while the others wait at a barrier.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -59,6 +61,10 @@ _QUIET = _QuietFailedWrites()
 
 def _quiet_orbax() -> None:
   logging.getLogger("absl").addFilter(_QUIET)
+  # A save that fails before its coroutines start (a read-only directory) leaves them
+  # unawaited; Python would warn about each at exit, after the one-line error.
+  warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
   if not getattr(sys.unraisablehook, "stabjax_quiet", False):
     sys.unraisablehook = _unraisablehook_without_closed_loops(sys.unraisablehook)
 
@@ -129,10 +135,20 @@ class Checkpointer:
     """Saves asynchronously; CheckpointError (one line) when this or the previous save
     could not be written (read-only or full disk); the last completed checkpoint stays."""
     try:
+      self._probe_writable()
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
     except Exception as e:
       raise self._write_error(e) from None
+
+  def _probe_writable(self) -> None:
+    """Create and remove an empty file first (local directories): orbax creates a step's
+    directory in a background thread, and a read-only one could leave the save hanging."""
+    if not paths.is_local(self.directory):
+      return
+    probe = epath.Path(self.directory) / f".write-probe-{jax.process_index()}-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
 
   def restore(self, step: int, abstract_state: Any = None, shardings: Any = None
               ) -> tuple[Any, dict]:

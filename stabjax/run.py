@@ -375,7 +375,8 @@ def train_and_evaluate(cfg: RunConfig, workdir: str, dataset, *, show_progress: 
       workdir.mkdir(parents=True, exist_ok=True)
       lock.__enter__()
     except OSError as e:
-      error = WorkdirError(f"cannot create {workdir}: {e.strerror or e}")
+      error = WorkdirError(f"cannot write to {workdir}: {e.strerror or e}; free disk space or "
+                           f"fix permissions, then run the same command again")
     except WorkdirError as e:
       error = e
   try:

@@ -8,6 +8,8 @@ import glob
 import hashlib
 import os
 import resource
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +157,42 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_intact(tmp_path):
   proc = run_main(wd)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert sys.platform != "win32"
+
+
+def _read_only_cmd(path, cmd):
+  """`cmd` in a private mount namespace where `path` is bind-mounted read-only (a
+  read-only disk that root cannot write either); None where namespaces are unavailable."""
+  probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+  if shutil.which("unshare") is None or probe.returncode != 0:
+    return None
+  p = shlex.quote(str(path))
+  return ["unshare", "-m", "sh", "-c", f"mount --bind {p} {p} && mount -o remount,bind,ro "
+          f"{p} {p} && exec {shlex.join(cmd)}"]
+
+
+@pytest.mark.parametrize("what", ["workdir", "checkpoints"])
+def test_a_read_only_disk_is_one_line_and_changes_nothing(tmp_path, what):
+  """A read-only workdir (refused before training), or only its checkpoints (the next
+  save fails): one line naming the path, exit 1, every earlier file unchanged."""
+  wd = tmp_path / "ro"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  first = subprocess.Popen(main_cmd(wd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, env=env)
+  _wait_for_checkpoint(first, wd / "checkpoints", 10)
+  first.send_signal(signal.SIGKILL)
+  first.wait()
+  before = snapshot(wd)
+  cmd = _read_only_cmd(wd if what == "workdir" else wd / "checkpoints", main_cmd(wd))
+  if cmd is None:
+    pytest.skip("no mount namespaces here (unshare -m) to make a read-only disk")
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+  one_line_error(proc, "Read-only file system", str(wd))
+  if what == "workdir":
+    assert snapshot(wd) == before
+  else:  # training ran until the save: only the log files grew
+    after = snapshot(wd)
+    assert {k: v for k, v in after.items() if k.startswith("checkpoints")} == \
+        {k: v for k, v in before.items() if k.startswith("checkpoints")}
 
 
 def test_a_workdir_written_before_a_setting_existed_resumes_at_its_default(tmp_path, finished):
