@@ -140,10 +140,10 @@ def main(argv):
     freq = jax.device_put(jnp.asarray(neg_log_freq, jnp.float32),
                           sharding.replicated(trainer.mesh))
 
-    def run(step=step, holder=holder, batch=batch, freq=freq):
+    def run(step=step, holder=holder, batch=batch, freq=freq, scalars=trainer.scalars):
       state = holder["state"]
       for _ in range(FLAGS.steps):  # the step donates its state: thread it through
-        state, metrics = step(state, batch, freq)
+        state, metrics = step(state, batch, freq, scalars)
       holder["state"] = state
       return metrics["loss"]
 
