@@ -135,15 +135,19 @@ def test_a_second_run_on_a_live_workdir_is_refused_and_a_killed_run_leaves_no_lo
   assert third.returncode == 0 and "preempted" in out, err[-2000:]
 
 
-@pytest.mark.slow
-def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_intact(tmp_path):
-  wd = tmp_path / "full"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def killed_after_checkpoint_10(wd, env) -> None:
+  """A run on `wd` SIGKILLed once its checkpoint 10 exists (the state a crash leaves)."""
   first = subprocess.Popen(main_cmd(wd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            text=True, env=env)
   _wait_for_checkpoint(first, wd / "checkpoints", 10)
   first.send_signal(signal.SIGKILL)
   first.wait()
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_intact(tmp_path):
+  wd, env = tmp_path / "full", dict(os.environ, JAX_PLATFORMS="cpu")
+  killed_after_checkpoint_10(wd, env)
   kept = snapshot(wd / "checkpoints" / "10")
 
   def small_files():  # files may not grow past 200 kB: a disk that fills up mid-run
@@ -174,13 +178,8 @@ def _read_only_cmd(path, cmd):
 def test_a_read_only_disk_is_one_line_and_changes_nothing(tmp_path, what):
   """A read-only workdir (refused before training), or only its checkpoints (the next
   save fails): one line naming the path, exit 1, every earlier file unchanged."""
-  wd = tmp_path / "ro"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  first = subprocess.Popen(main_cmd(wd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, env=env)
-  _wait_for_checkpoint(first, wd / "checkpoints", 10)
-  first.send_signal(signal.SIGKILL)
-  first.wait()
+  wd, env = tmp_path / "ro", dict(os.environ, JAX_PLATFORMS="cpu")
+  killed_after_checkpoint_10(wd, env)
   before = snapshot(wd)
   cmd = _read_only_cmd(wd if what == "workdir" else wd / "checkpoints", main_cmd(wd))
   if cmd is None:
