@@ -190,22 +190,21 @@ def make_loss_fn(model: nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfi
 
 
 def feedback_setpoint(train_cfg: TrainConfig, step: jax.Array, entropy_ema: jax.Array,
-                      scalars: StepScalars | None = None) -> tuple[jax.Array, jax.Array]:
+                      scalars: StepScalars) -> tuple[jax.Array, jax.Array]:
   """(setpoint, weight) of the feedback term at `step` (see `configs.FEEDBACK_FORMS`).
 
   'zero': (0, 1). 'data': (H_data, 1). 'ema': the bias-corrected EMA of H(B_t) over the
   steps before this one (a constant here, so the gradient moves H toward it from either
   side and never moves the average itself), with weight 0 at step 0, which has no
   average yet. 'psu_only' has no term (the values are unused). The form is static; H_data
-  and the decay come from `scalars` (default: the config's).
+  and the decay come from the (traced) `scalars`.
   """
-  sc = StepScalars.of(train_cfg) if scalars is None else scalars
   one = jnp.ones((), jnp.float32)
   if train_cfg.feedback == "data":
-    return jnp.asarray(sc.feedback_target, jnp.float32), one
+    return jnp.asarray(scalars.feedback_target, jnp.float32), one
   if train_cfg.feedback == "ema":
     seen = step.astype(jnp.float32)
-    debias = 1.0 - jnp.power(jnp.asarray(sc.feedback_ema_decay, jnp.float32), seen)
+    debias = 1.0 - jnp.power(jnp.asarray(scalars.feedback_ema_decay, jnp.float32), seen)
     return entropy_ema / jnp.maximum(debias, 1e-12), (step > 0).astype(jnp.float32)
   return jnp.zeros((), jnp.float32), one
 
@@ -220,7 +219,6 @@ class Trainer:
   cfg: RunConfig
   model: nn.Module
   mesh: jax.sharding.Mesh
-  tx: optax.GradientTransformationExtraArgs
   state_shardings: Any
   abstract_state: Any
   init_state: Callable[[], TrainState]
@@ -260,7 +258,6 @@ class Trainer:
       units = units.replace(dmu=dataclasses.replace(units.dmu, enabled=True),
                             dtu=dataclasses.replace(units.dtu, enabled=True))
     c_tilde = feedback.learning_complexity(units, t.seq_len)
-    tx = optim.make_optimizer(t, cfg.psu, c_tilde)
     scalars = StepScalars.of(t)
 
     def init_from_params(params, seed):
@@ -341,7 +338,7 @@ class Trainer:
       return wrapped
 
     scalars = jax.device_put(scalars, repl)
-    return cls(cfg=cfg, model=model, mesh=mesh, tx=tx, state_shardings=state_sh,
+    return cls(cfg=cfg, model=model, mesh=mesh, state_shardings=state_sh,
                abstract_state=abstract_state, init_state=under_mesh(jit_init),
                train_step=under_mesh(lambda state, batch, freq: jit_train(state, batch, freq,
                                                                           scalars)),
