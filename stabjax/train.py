@@ -211,6 +211,119 @@ def feedback_setpoint(train_cfg: TrainConfig, step: jax.Array, entropy_ema: jax.
 
 # ------------------------------------------------------------------------ the system
 
+# TrainConfig fields no jitted function holds as a constant: the traced `StepScalars`, the
+# seed (an argument of init) and the loop's bookkeeping.
+_NOT_IN_PROGRAM = tuple(f.name for f in dataclasses.fields(StepScalars)
+                        if f.name != "optimizer") + (
+    "seed", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every",
+    "lagged_metrics")
+
+
+def static_train_config(t: TrainConfig) -> TrainConfig:
+  """`t` with the fields that do not enter the compiled programs at their defaults: two
+  runs with equal static configs (and model, PSU, ids, mesh) share their jitted functions."""
+  default = TrainConfig()
+  return dataclasses.replace(t, **{k: getattr(default, k) for k in _NOT_IN_PROGRAM})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Jitted:
+  """The jitted functions of one shape and static setting, and what they were built from."""
+
+  model: nn.Module
+  abstract_params: Any
+  abstract_state: Any
+  param_shardings: Any
+  state_shardings: Any
+  c_tilde: float
+  init: Callable  # (seed, scalars) -> TrainState
+  init_from: Callable  # (params, seed, scalars) -> TrainState
+  train: Callable  # (state, batch, neg_log_freq, scalars) -> (state, metrics)
+  eval: Callable  # (params, batch, key) -> sums
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(model_cfg: ModelConfig, t: TrainConfig, psu_cfg: PSUConfig, ids: SpecialIds,
+            mesh: jax.sharding.Mesh) -> _Jitted:
+  """Builds (once per process and key) the sharded, jitted init, train and eval steps.
+  `t` is a `static_train_config`: everything run-specific is an argument."""
+  model = get_model(model_cfg)
+  dummy = jnp.zeros((1, t.seq_len), jnp.int32)
+
+  def init_params(key):
+    return model.init({"params": key}, dummy, deterministic=True)["params"]
+
+  keys = lambda seed: jax.random.split(jax.random.PRNGKey(seed))  # noqa: E731
+  seed0, scalars0 = np.int32(0), StepScalars.of(t)
+  abstract_boxed = jax.eval_shape(lambda s: init_params(keys(s)[0]), seed0)
+  abstract_params = nn.unbox(abstract_boxed)
+  units = model_cfg
+  if psu_cfg.c_tilde_from == "full":
+    units = units.replace(dmu=dataclasses.replace(units.dmu, enabled=True),
+                          dtu=dataclasses.replace(units.dtu, enabled=True))
+  c_tilde = feedback.learning_complexity(units, t.seq_len)
+
+  def init_from_params(params, seed, sc: StepScalars):
+    opt_state = optim.make_optimizer(sc, psu_cfg, c_tilde, seed=seed).init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      key=keys(seed)[1], entropy_ema=jnp.zeros((), jnp.float32))
+
+  def init_fn(seed, sc: StepScalars):
+    return init_from_params(nn.unbox(init_params(keys(seed)[0])), seed, sc)
+
+  abstract_state = jax.eval_shape(init_fn, seed0, scalars0)
+  param_sh = sharding.logical_shardings(abstract_boxed, mesh)
+  repl = sharding.replicated(mesh)
+  opt_sh = optim.map_params_like(lambda _: param_sh, jax.tree.structure(abstract_params),
+                                 abstract_state.opt_state, other=lambda _: repl)
+  state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, key=repl,
+                        entropy_ema=repl)
+  batch_sh = sharding.batch_sharding(mesh)
+  loss_fn = make_loss_fn(model, model_cfg, t, ids)
+
+  def train_step(state: TrainState, batch: dict, neg_log_freq: jax.Array, sc: StepScalars):
+    key = jax.random.fold_in(state.key, state.step)
+    setpoint, weight = feedback_setpoint(t, state.step, state.entropy_ema, sc)
+    fb = dict(setpoint=setpoint, weight=weight, alpha=sc.alpha)
+    tx = optim.make_optimizer(sc, psu_cfg, c_tilde, seed=0)  # the seed only enters init
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key,
+                                                                  **fb)
+    collections = {k: v for k, v in aux["collections"].items() if v}
+    # L(.; B_t) with this step's DMU masks, DTU key sets and setpoint, for the PSU's V (eq. 65).
+    value_fn = lambda p: loss_fn(p, batch, key, frozen=collections, **fb)[0]
+    updates, opt_state = tx.update(
+        grads, state.opt_state, state.params, value=loss, grad=grads, value_fn=value_fn,
+        entropy=aux["entropy"],
+        rarity=feedback.token_rarity(batch["tokens"], batch["mask"], neg_log_freq),
+        touched=touched_params(state.params, collections.get("dmu_masks", {})))
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "nll": aux["nll"], "entropy": aux["entropy"],
+               "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+               "tokens": aux["tokens"]}
+    if t.feedback in ("ema", "data"):
+      metrics["feedback/setpoint"] = setpoint
+    metrics.update({f"psu/{k}": v for k, v in psu_metrics(opt_state).items()})
+    d = sc.feedback_ema_decay
+    ema = d * state.entropy_ema + (1.0 - d) * jax.lax.stop_gradient(aux["entropy"])
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         entropy_ema=ema), metrics
+
+  def eval_step(params, batch, key):
+    # A Python alpha = 0: no term, so the program is the same for every alpha.
+    _, aux = loss_fn(params, batch, key, deterministic=True, alpha=0.0)
+    return {k: aux[k] for k in ("nll_sum", "entropy_sum", "tokens")}
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    return _Jitted(
+        model=model, abstract_params=abstract_params, abstract_state=abstract_state,
+        param_shardings=param_sh, state_shardings=state_sh, c_tilde=c_tilde,
+        init=jax.jit(init_fn, in_shardings=(repl, repl), out_shardings=state_sh),
+        init_from=jax.jit(init_from_params, in_shardings=(param_sh, repl, repl),
+                          out_shardings=state_sh),
+        train=jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl, repl),
+                      out_shardings=(state_sh, repl), donate_argnums=(0,)),
+        eval=jax.jit(eval_step, in_shardings=(param_sh, batch_sh, repl), out_shardings=repl))
+
 
 @dataclasses.dataclass
 class Trainer:
@@ -233,8 +346,11 @@ class Trainer:
              init_params: Any = None) -> "Trainer":
     """`init_params` (an unboxed params tree, e.g. `models.hf.load_params` of
     `cfg.init_from`) replaces the random init of `init_state`: shapes checked against the
-    model, placed with the random init's shardings."""
-    pretrained = init_params  # the name is taken by the random init below
+    model, placed with the random init's shardings.
+
+    The jitted functions are shared by every Trainer of this process with the same shape
+    and static settings (`_jitted`): a sweep's later runs neither trace nor compile again.
+    """
     mesh = sharding.make_mesh(cfg.train.mesh) if mesh is None else mesh
     t = cfg.train
     if t.batch_size % sharding.data_parallel_size(mesh):
@@ -242,93 +358,15 @@ class Trainer:
           f"--batch_size={t.batch_size} is not divisible by the {sharding.data_parallel_size(mesh)} "
           f"data-parallel devices (mesh data x fsdp); accepted: a multiple of "
           f"{sharding.data_parallel_size(mesh)}")
-    model = get_model(cfg.model)
-    dummy = jnp.zeros((1, t.seq_len), jnp.int32)
-
-    def init_params(key):
-      return model.init({"params": key}, dummy, deterministic=True)["params"]
-
-    # The seed is an argument of the jitted init, not a constant of it (StepScalars).
-    seed = np.int32(t.seed)
-    keys = lambda seed: jax.random.split(jax.random.PRNGKey(seed))  # noqa: E731
-    abstract_boxed = jax.eval_shape(lambda s: init_params(keys(s)[0]), seed)
-    abstract_params = nn.unbox(abstract_boxed)
-    units = cfg.model
-    if cfg.psu.c_tilde_from == "full":
-      units = units.replace(dmu=dataclasses.replace(units.dmu, enabled=True),
-                            dtu=dataclasses.replace(units.dtu, enabled=True))
-    c_tilde = feedback.learning_complexity(units, t.seq_len)
-    scalars = StepScalars.of(t)
-
-    def init_from_params(params, seed):
-      opt_state = optim.make_optimizer(t, cfg.psu, c_tilde, seed=seed).init(params)
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                        key=keys(seed)[1], entropy_ema=jnp.zeros((), jnp.float32))
-
-    def init_fn(seed):
-      return init_from_params(nn.unbox(init_params(keys(seed)[0])), seed)
-
-    abstract_state = jax.eval_shape(init_fn, seed)
-    if pretrained is not None:
-      from stabjax.models.hf import check_shapes
-      check_shapes(pretrained, abstract_params, cfg.model.name)
-    param_sh = sharding.logical_shardings(abstract_boxed, mesh)
-    repl = sharding.replicated(mesh)
-    opt_sh = optim.map_params_like(lambda _: param_sh, jax.tree.structure(abstract_params),
-                                   abstract_state.opt_state, other=lambda _: repl)
-    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, key=repl,
-                          entropy_ema=repl)
-    batch_sh = sharding.batch_sharding(mesh)
-    loss_fn = make_loss_fn(model, cfg.model, t, ids)
     if t.feedback == "data" and t.feedback_target is None:
       raise ValueError("--feedback=data needs its setpoint H_data: pass --feedback_target "
                        "(run.resolve_feedback_target fills it in on synthetic data)")
-
-    def train_step(state: TrainState, batch: dict, neg_log_freq: jax.Array, sc: StepScalars):
-      key = jax.random.fold_in(state.key, state.step)
-      setpoint, weight = feedback_setpoint(t, state.step, state.entropy_ema, sc)
-      fb = dict(setpoint=setpoint, weight=weight, alpha=sc.alpha)
-      tx = optim.make_optimizer(sc, cfg.psu, c_tilde, seed=0)  # the seed only enters init
-      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key,
-                                                                    **fb)
-      collections = {k: v for k, v in aux["collections"].items() if v}
-      # L(.; B_t) with this step's DMU masks, DTU key sets and setpoint, for the PSU's V (eq. 65).
-      value_fn = lambda p: loss_fn(p, batch, key, frozen=collections, **fb)[0]
-      updates, opt_state = tx.update(
-          grads, state.opt_state, state.params, value=loss, grad=grads, value_fn=value_fn,
-          entropy=aux["entropy"],
-          rarity=feedback.token_rarity(batch["tokens"], batch["mask"], neg_log_freq),
-          touched=touched_params(state.params, collections.get("dmu_masks", {})))
-      params = optax.apply_updates(state.params, updates)
-      metrics = {"loss": loss, "nll": aux["nll"], "entropy": aux["entropy"],
-                 "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
-                 "tokens": aux["tokens"]}
-      if t.feedback in ("ema", "data"):
-        metrics["feedback/setpoint"] = setpoint
-      metrics.update({f"psu/{k}": v for k, v in psu_metrics(opt_state).items()})
-      d = sc.feedback_ema_decay
-      ema = d * state.entropy_ema + (1.0 - d) * jax.lax.stop_gradient(aux["entropy"])
-      return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                           entropy_ema=ema), metrics
-
-    def eval_step(params, batch, key):
-      # A Python alpha = 0: no term, so the program is the same for every alpha.
-      _, aux = loss_fn(params, batch, key, deterministic=True, alpha=0.0)
-      return {k: aux[k] for k in ("nll_sum", "entropy_sum", "tokens")}
-
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      jit_seeded = jax.jit(init_fn, out_shardings=state_sh)
-      jit_init = lambda: jit_seeded(seed)  # noqa: E731
-      if pretrained is not None:
-        # Passed in, not closed over: the weights stay arguments, never jit constants.
-        jit_from = jax.jit(init_from_params, in_shardings=(param_sh, repl),
-                           out_shardings=state_sh)
-        host_params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), pretrained,
-                                   abstract_params)
-        jit_init = lambda: jit_from(jax.device_put(host_params, param_sh), seed)  # noqa: E731
-      jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl, repl),
-                          out_shardings=(state_sh, repl), donate_argnums=(0,))
-      jit_eval = jax.jit(eval_step, in_shardings=(param_sh, batch_sh, repl), out_shardings=repl)
+    j = _jitted(cfg.model, static_train_config(t), cfg.psu, ids, mesh)
+    if init_params is not None:
+      from stabjax.models.hf import check_shapes
+      check_shapes(init_params, j.abstract_params, cfg.model.name)
+    repl = sharding.replicated(mesh)
+    seed, scalars = np.int32(t.seed), jax.device_put(StepScalars.of(t), repl)
 
     def under_mesh(f):
       @functools.wraps(f)
@@ -337,13 +375,19 @@ class Trainer:
           return f(*a)
       return wrapped
 
-    scalars = jax.device_put(scalars, repl)
-    return cls(cfg=cfg, model=model, mesh=mesh, state_shardings=state_sh,
-               abstract_state=abstract_state, init_state=under_mesh(jit_init),
-               train_step=under_mesh(lambda state, batch, freq: jit_train(state, batch, freq,
-                                                                          scalars)),
-               eval_step=under_mesh(jit_eval), c_tilde=c_tilde, scalars=scalars,
-               jit_train_step=jit_train)
+    jit_init = lambda: j.init(seed, scalars)  # noqa: E731
+    if init_params is not None:
+      # Passed in, not closed over: the weights stay arguments, never jit constants.
+      host_params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), init_params,
+                                 j.abstract_params)
+      jit_init = lambda: j.init_from(  # noqa: E731
+          jax.device_put(host_params, j.param_shardings), seed, scalars)
+    return cls(cfg=cfg, model=j.model, mesh=mesh, state_shardings=j.state_shardings,
+               abstract_state=j.abstract_state, init_state=under_mesh(jit_init),
+               train_step=under_mesh(lambda state, batch, freq: j.train(state, batch, freq,
+                                                                        scalars)),
+               eval_step=under_mesh(j.eval), c_tilde=j.c_tilde, scalars=scalars,
+               jit_train_step=j.train)
 
   def put_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """A process's rows of the global batch -> global arrays sharded over the batch axes."""

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from stabjax import configs
+from stabjax import train as train_lib
 from stabjax.psu import PSUConfig, find_psu_state
 from stabjax.train import RunConfig, SpecialIds, Trainer, make_loss_fn, mlm_corrupt
 
@@ -288,7 +289,10 @@ def test_runs_that_differ_only_in_scalars_lower_to_one_program():
   b = tiny_config(alpha=0.2, feedback="data", feedback_target=2.5, seed=7, lr=1e-2, steps=40,
                   warmup_steps=5, min_lr_ratio=0.3, weight_decay=0.1, clip_norm=0.5, b1=0.8,
                   b2=0.99, feedback_ema_decay=0.5)
-  ta, tb = Trainer.create(a, IDS), Trainer.create(b, IDS)
+  ta = Trainer.create(a, IDS)
+  train_lib._jitted.cache_clear()  # tb traces its own functions: the texts are compared
+  tb = Trainer.create(b, IDS)
+  assert ta.jit_train_step is not tb.jit_train_step
   assert ta.lower_train_step().as_text() == tb.lower_train_step().as_text()
   ev = lambda t: t.eval_step.__wrapped__.lower(  # noqa: E731
       t.abstract_state.params, {k: jax.ShapeDtypeStruct((8, 16), jnp.int32)
@@ -309,3 +313,31 @@ def test_runs_that_differ_only_in_scalars_lower_to_one_program():
   for m, alpha, target in ((ma, 0.05, 1.0), (mb, 0.2, 2.5)):
     np.testing.assert_allclose(float(m["loss"]), float(m["nll"]) + alpha / 2
                                * (float(m["entropy"]) - target) ** 2, rtol=1e-5)
+
+
+def test_trainers_of_one_shape_share_the_jitted_step_and_train_with_their_own_values():
+  """A sweep's later run reuses the process's jitted init and train step (no new trace) and
+  trains exactly as it would alone: nothing of the first run's alpha, schedule or seed is
+  baked into the shared functions; a changed static setting gets functions of its own."""
+  b = tiny_config(alpha=0.2, seed=7, lr=1e-2, warmup_steps=5, clip_norm=0.5)
+  batches = [random_batch(i, b) for i in range(3)]
+  freq = jnp.linspace(0.0, 3.0, b.model.vocab_size, dtype=jnp.float32)
+
+  def run(trainer):
+    state = trainer.init_state()
+    for batch in batches:
+      state, metrics = trainer.train_step(state, trainer.put_batch(batch), freq)
+    return jax.device_get((state.params, state.opt_state, metrics))
+
+  train_lib._jitted.cache_clear()
+  alone = run(Trainer.create(b, IDS))
+  train_lib._jitted.cache_clear()
+  first = Trainer.create(tiny_config(alpha=0.0, seed=1), IDS)
+  run(first)
+  second = Trainer.create(b, IDS)
+  assert second.jit_train_step is first.jit_train_step
+  shared = run(second)
+  assert first.jit_train_step._cache_size() == 1  # traced once, for both runs
+  chex.assert_trees_all_equal(shared, alone)
+  ema = Trainer.create(tiny_config(alpha=0.2, feedback="ema"), IDS)
+  assert ema.jit_train_step is not first.jit_train_step
