@@ -86,6 +86,26 @@ def test_forward_kl_is_training_nll_minus_empirical_entropy(setup):
   np.testing.assert_allclose(kl, -rows.mean() - emp.entropy, rtol=1e-5)
 
 
+def test_sequence_logprobs_in_length_buckets_equal_full_width_scores(setup):
+  """Rows scored sorted by length, cut to their bucket's width and filled up to the batch
+  give each row's full-width score (NumPy log-softmax of one [n, T] forward), in order:
+  a cut dropping a row's last token, a lost order or a filler row's score would not."""
+  data, model, params = setup
+  rng = np.random.default_rng(0)
+  t = data.seq_len
+  tokens = rng.integers(1, data.vocab_size, (11, t)).astype(np.int32)
+  lengths = np.array([2, t, 5, 17, 3, 16, 9, t - 1, 2, 12, 33 % t])
+  mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
+  mask[3, 10] = 0  # a hole inside a row: its columns after it still count
+  logits = np.asarray(jax.jit(lambda x: model.apply({"params": params}, x))(tokens), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  gathered = np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+  want = np.where(mask[:, 1:] > 0, gathered, 0.0).sum(axis=1)
+  got = sequence_logprobs(model, params, tokens, mask, batch_size=4, width_step=8)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-4)
+
+
 def test_measure_nests_the_metrics_of_each_decoder(setup, measured):
   data, _, _ = setup
   result, texts, _ = measured
