@@ -39,7 +39,6 @@ from tensorboardX import SummaryWriter
 from stabjax import degeneration, paths, sharding, throughput
 from stabjax.checkpoint import Checkpointer, SigtermFlag
 from stabjax.data import make_iterator
-from stabjax.optim import lr_schedule
 from stabjax.train import RunConfig, SpecialIds, Trainer
 
 
@@ -486,7 +485,7 @@ def _loop(cfg, trainer, dataset, ckpt, writer, state, train_it, start, show_prog
       bar.update(1)
       last_time = now
       if done_step % t.log_every == 0 or done_step == t.steps:
-        writer.write(done_step, {**metrics, "lr": lr_schedule(t)(done_step - 1), **perf})
+        writer.write(done_step, {**metrics, **perf})
 
     def flush():
       while pending:

@@ -303,6 +303,7 @@ def _jitted(model_cfg: ModelConfig, t: TrainConfig, psu_cfg: PSUConfig, ids: Spe
     if t.feedback in ("ema", "data"):
       metrics["feedback/setpoint"] = setpoint
     metrics.update({f"psu/{k}": v for k, v in psu_metrics(opt_state).items()})
+    metrics["lr"] = optim.lr_schedule(sc)(state.step)  # in the step: no host ops per step
     d = sc.feedback_ema_decay
     ema = d * state.entropy_ema + (1.0 - d) * jax.lax.stop_gradient(aux["entropy"])
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,

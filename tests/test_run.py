@@ -6,6 +6,8 @@ import dataclasses
 import os
 
 import jax
+import numpy as np
+import optax
 import pytest
 
 from stabjax import configs, degeneration
@@ -67,6 +69,20 @@ def test_logged_generation_metrics_equal_the_end_of_run_code_on_the_same_samples
   assert logged["gen/hf_proportion"] == pytest.approx(result["sample"]["hf_proportion"], abs=1e-9)
   assert logged["gen/generative_entropy"] == pytest.approx(
       result["sample"]["generative_entropy"], rel=1e-5)
+
+
+def test_each_training_row_logs_the_learning_rate_of_its_update(finished_run):
+  """Row `step` logs the rate of update step - 1 (computed in the train step): optax's
+  warmup-cosine schedule, warmup clamped to steps - 1."""
+  cfg, _, workdir, _ = finished_run
+  t = cfg.train
+  warmup = min(t.warmup_steps, t.steps - 1)
+  ref = optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, t.steps,
+                                           end_value=t.lr * t.min_lr_ratio)
+  rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+  assert [r["step"] for r in rows] == list(range(1, t.steps + 1))
+  np.testing.assert_allclose([r["lr"] for r in rows],
+                             [float(ref(r["step"] - 1)) for r in rows], rtol=2e-6)
 
 
 def _train_rows(workdir):
