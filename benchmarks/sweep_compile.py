@@ -10,6 +10,11 @@ and the sweep's, and the ratios.
 
   python benchmarks/sweep_compile.py
   python benchmarks/sweep_compile.py --steps=200 --seeds=2025,2026,2027   # Table 1's defaults
+  python benchmarks/sweep_compile.py --steps=200 --seeds=2025,2026,2027 --baseline=5359de6
+
+Each side runs its own table1.py defaults for everything not passed (at 5359de6: an
+evaluation every 100 steps and no in-training generation, against every 10 steps with
+generation now, so that baseline does less measurement work than this tree).
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-flags.DEFINE_string("baseline", "7fcd10f", "The commit to compare against.")
+flags.DEFINE_string("baseline", "7fcd10f", "The commit to compare against: 7fcd10f is the "
+                    "commit before the traced scalars, 5359de6 the one issue 16 was filed at "
+                    "(no persistent cache, alpha constant, 2 evaluations per 200-step run).")
 flags.DEFINE_list("models", ["gpt2_tiny", "bert_tiny"], "table1.py --models.")
 flags.DEFINE_list("seeds", ["2025"], "table1.py --seeds.")
 flags.DEFINE_list("alphas", ["0", "0.05", "0.2"], "table1.py --alphas.")
@@ -40,12 +47,17 @@ FLAGS = flags.FLAGS
 def sweep(tree: str, scratch: str) -> dict:
   """One table1.py sweep from `tree` with a fresh cache; its wall time and its runs'."""
   workdir = os.path.join(scratch, "runs")
-  cmd = [sys.executable, os.path.join(tree, "experiments", "table1.py"),
+  script = os.path.join(tree, "experiments", "table1.py")
+  cmd = [sys.executable, script,
          f"--models={','.join(FLAGS.models)}", f"--seeds={','.join(FLAGS.seeds)}",
          f"--alphas={','.join(FLAGS.alphas)}", f"--steps={FLAGS.steps}",
-         f"--workdir={workdir}", f"--compilation_cache_dir={os.path.join(scratch, 'jax')}",
-         f"--cache_dir={os.path.join(scratch, 'data')}"]
+         f"--workdir={workdir}", f"--cache_dir={os.path.join(scratch, 'data')}"]
   env = dict(os.environ, PYTHONPATH=tree, JAX_PLATFORMS="cpu")
+  # A baseline older than the persistent cache has no such flag (and no cache).
+  helpfull = subprocess.run([sys.executable, script, "--helpfull"], capture_output=True,
+                            text=True, cwd=tree, env=env).stdout
+  if "--compilation_cache_dir" in helpfull:
+    cmd.append(f"--compilation_cache_dir={os.path.join(scratch, 'jax')}")
   start = time.perf_counter()
   subprocess.run(cmd, check=True, cwd=tree, env=env, stdout=subprocess.DEVNULL)
   wall = time.perf_counter() - start
