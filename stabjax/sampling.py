@@ -484,14 +484,15 @@ def unmask_left_to_right(model: nn.Module, params: Any, prompts: jax.Array,
   layout = _BertLayout.of(prompts, prompt_mask, n, pad_id)
   banned = _banned(model.config.vocab_size, mask_id, pad_id)
   ahead = n if config.lookahead is None else config.lookahead
-  rows = jnp.arange(b)
 
   def logits_at(gen, i):
-    """The model's logits at slot i: slots < i as sampled, [MASK] from i on."""
+    """The model's logits at slot i: slots < i as sampled, [MASK] from i on (the MLM
+    head runs at that slot only: the vocabulary projection is most of bert_tiny's forward)."""
     slots = jnp.where(jnp.arange(n)[None, :] < i, gen, mask_id)
     ids, attn = layout.ids(slots, jnp.full((b,), jnp.minimum(i + 1 + ahead, n)), pad_id)
-    logits = model.apply({"params": params}, ids, attention_mask=attn, deterministic=True)
-    logits = logits[rows, layout.length + i]
+    at = (layout.length + i)[:, None]
+    logits = model.apply({"params": params}, ids, attention_mask=attn, deterministic=True,
+                         head_positions=at)[:, 0]
     return jnp.where(banned, -jnp.inf, logits.astype(jnp.float32))
 
   def step(gen, tok, i):
@@ -544,8 +545,9 @@ def mask_predict(model: nn.Module, params: Any, prompts: jax.Array,
   def one_round(t, carry):
     gen, masked, conf, ents = carry
     ids, attn = layout.ids(jnp.where(masked, mask_id, gen), jnp.full((b,), n), pad_id)
-    logits = model.apply({"params": params}, ids, attention_mask=attn, deterministic=True)
-    logits = jnp.where(banned, -jnp.inf, layout.at_slots(logits).astype(jnp.float32))
+    logits = model.apply({"params": params}, ids, attention_mask=attn, deterministic=True,
+                         head_positions=layout.slot_col)
+    logits = jnp.where(banned, -jnp.inf, logits.astype(jnp.float32))
     tok = sample_logits(jax.random.fold_in(key, t), logits, *decoding)
     logp = jax.nn.log_softmax(logits, axis=-1)
     tok_conf = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]

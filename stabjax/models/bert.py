@@ -96,7 +96,8 @@ class BERT(nn.Module):
   @nn.compact
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
                attention_mask: jax.Array | None = None, deterministic: bool = True,
-               return_hidden: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+               return_hidden: bool = False, head_positions: jax.Array | None = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """MLM logits (and the last encoder layer's output when `return_hidden`).
 
     Args:
@@ -106,6 +107,9 @@ class BERT(nn.Module):
         attended to. Outputs at padded positions are meaningless.
       deterministic: no dropout and no DMU/DTU masks (needs no RNG streams).
       return_hidden: also return the encoder output [B, T, d] (float32).
+      head_positions: optional int [B, K]: the MLM head runs only at these positions
+        and the logits are [B, K, V] (a sampler that reads one slot per forward skips
+        the vocabulary projection of the other T - 1). The hidden output stays [B, T, d].
     """
     cfg = self.config
     if token_type_ids is None:
@@ -114,7 +118,8 @@ class BERT(nn.Module):
     x, word = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
     x = shard_activations(x)
     x = apply_blocks(BertBlock, cfg, x, mask, deterministic, False)
-    logits = BertMLMHead(cfg, name="mlm_head")(x, word)
+    at = x if head_positions is None else jnp.take_along_axis(x, head_positions[..., None], axis=1)
+    logits = BertMLMHead(cfg, name="mlm_head")(at, word)
     if return_hidden:
       return logits, x.astype(jnp.float32)
     return logits
