@@ -194,20 +194,22 @@ def test_bert_real_positions_ignore_padded_keys():
                              apply(cfg, params, x), atol=1e-6)
 
 
-def test_bert_head_positions_are_the_full_logits_at_those_positions():
-  """Per-row positions (a sampler's slots): [B, K, V] taken from the [B, T, V] forward,
-  and the hidden states unchanged."""
-  cfg = tiny("bert")
+@pytest.mark.parametrize("variant", [dict(), dict(remat=True), dict(scan_layers=True)],
+                         ids=["unrolled", "remat", "scanned"])
+def test_bert_head_positions_are_the_full_forward_at_those_positions(variant):
+  """Per-row positions (a sampler's slots): logits [B, K, V] and hidden [B, K, d] equal
+  the [B, T, ...] forward's there, although the last layer computes only those rows."""
+  cfg = tiny("bert", **variant)
   params = params_of(cfg)
   x, mask = ids(0), jnp.arange(T)[None] < jnp.array([[T], [5]])
   full, hidden = apply(cfg, params, x, attention_mask=mask, return_hidden=True)
   at = jnp.array([[0, 6, 6], [4, 1, 2]])
   part, part_hidden = apply(cfg, params, x, attention_mask=mask, return_hidden=True,
                             head_positions=at)
-  chex.assert_shape(part, (B, 3, V))
-  want = np.stack([np.asarray(full)[b, np.asarray(at)[b]] for b in range(B)])
-  np.testing.assert_allclose(np.asarray(part), want, atol=1e-5)
-  np.testing.assert_array_equal(part_hidden, hidden)
+  chex.assert_shape([part, part_hidden], [(B, 3, V), (B, 3, D)])
+  take = lambda y: np.stack([np.asarray(y)[b, np.asarray(at)[b]] for b in range(B)])  # noqa: E731
+  np.testing.assert_allclose(np.asarray(part), take(full), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(part_hidden), take(hidden), atol=1e-5)
 
 
 def test_bert_token_types_matter():

@@ -45,14 +45,17 @@ class BertBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool,
-               decode: bool) -> tuple[jax.Array, None]:
+               decode: bool, queries: jax.Array | None = None) -> tuple[jax.Array, None]:
+    """x [B, T, d] -> [B, T, d], or [B, K, d] at the positions `queries` [B, K] only."""
     if decode:
       raise ValueError("BERT is an encoder; decode=True is not supported")
     cfg = self.config
     dtype = compute_dtype(cfg)
     dropout = nn.Dropout(rate=cfg.dropout_rate)
     h = DTU(num_heads=cfg.num_heads, causal=False, config=cfg.dtu, dtype=dtype,
-            name="attn")(x, mask=mask, deterministic=deterministic)
+            name="attn")(x, mask=mask, deterministic=deterministic, queries=queries)
+    if queries is not None:
+      x = jnp.take_along_axis(x, queries[..., None], axis=1)
     x = layer_norm(cfg, "attn_ln")(x + dropout(h, deterministic=deterministic))
     h = DMU(d_ff=cfg.d_ff, config=cfg.dmu, activation="gelu", dtype=dtype,
             name="mlp")(x, deterministic=deterministic)
@@ -107,9 +110,10 @@ class BERT(nn.Module):
         attended to. Outputs at padded positions are meaningless.
       deterministic: no dropout and no DMU/DTU masks (needs no RNG streams).
       return_hidden: also return the encoder output [B, T, d] (float32).
-      head_positions: optional int [B, K]: the MLM head runs only at these positions
-        and the logits are [B, K, V] (a sampler that reads one slot per forward skips
-        the vocabulary projection of the other T - 1). The hidden output stays [B, T, d].
+      head_positions: optional int [B, K] (inference): the outputs at these positions
+        only, logits [B, K, V] and hidden [B, K, d]. The last layer and the MLM head
+        then run on those K rows (a sampler reading one slot per forward skips most of
+        the last layer and the vocabulary projection of the other T - 1).
     """
     cfg = self.config
     if token_type_ids is None:
@@ -117,9 +121,8 @@ class BERT(nn.Module):
     mask = None if attention_mask is None else attention_mask.astype(bool)
     x, word = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, deterministic)
     x = shard_activations(x)
-    x = apply_blocks(BertBlock, cfg, x, mask, deterministic, False)
-    at = x if head_positions is None else jnp.take_along_axis(x, head_positions[..., None], axis=1)
-    logits = BertMLMHead(cfg, name="mlm_head")(at, word)
+    x = apply_blocks(BertBlock, cfg, x, mask, deterministic, False, queries=head_positions)
+    logits = BertMLMHead(cfg, name="mlm_head")(x, word)
     if return_hidden:
       return logits, x.astype(jnp.float32)
     return logits

@@ -493,7 +493,8 @@ class DTU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               deterministic: bool = True, decode: bool = False) -> jax.Array:
+               deterministic: bool = True, decode: bool = False,
+               queries: jax.Array | None = None) -> jax.Array:
     b, t, d = x.shape
     h = self.num_heads
     hd = d // h
@@ -504,6 +505,9 @@ class DTU(nn.Module):
     o_kernel = p("o_kernel", self.kernel_init, (h, hd, d), ("heads", "kv", "embed"))
     o_bias = p("o_bias", nn.initializers.zeros, (d,), ("embed",))
     cast = lambda a: jnp.asarray(a, self.dtype)
+    if queries is not None:
+      return self._at_queries(x, mask, queries, cast(qkv_kernel), cast(qkv_bias),
+                              cast(o_kernel), cast(o_bias), deterministic, decode)
     qkv = jnp.einsum("btd,dshk->sbthk", cast(x), cast(qkv_kernel)) + cast(qkv_bias)[:, None, None]
     q, k, v = qkv[0], qkv[1], qkv[2]
 
@@ -529,6 +533,20 @@ class DTU(nn.Module):
                              cfg.attention, self.causal, mask)
     chex.assert_shape(out, (b, t, h, hd))
     return jnp.einsum("bqhk,hkd->bqd", out, cast(o_kernel)) + cast(o_bias)
+
+  def _at_queries(self, x, mask, queries, qkv_kernel, qkv_bias, o_kernel, o_bias,
+                  deterministic: bool, decode: bool) -> jax.Array:
+    """Full two-sided attention for the query positions `queries` [B, K] only -> [B, K, d]."""
+    sampled = self.config.enabled and not deterministic and self.config.keep < x.shape[1]
+    if self.causal or decode or sampled:
+      raise ValueError("DTU queries: only for non-causal full attention (BERT inference)")
+    xq = jnp.take_along_axis(x, queries[..., None], axis=1)
+    q = jnp.einsum("bqd,dhk->bqhk", xq.astype(qkv_kernel.dtype), qkv_kernel[:, 0]) + qkv_bias[0]
+    kv = jnp.einsum("btd,dshk->sbthk", x.astype(qkv_kernel.dtype), qkv_kernel[:, 1:])
+    kv = kv + qkv_bias[1:, None, None]
+    allowed = _candidates(jnp.zeros(queries.shape[1], jnp.int32), x.shape[1], mask, causal=False)
+    out = full_attention(q, kv[0], kv[1], allowed, self.config.attention, False, mask)
+    return jnp.einsum("bqhk,hkd->bqd", out, o_kernel) + o_bias
 
   def _decode_step(self, q: jax.Array, k: jax.Array, v: jax.Array,
                    mask: jax.Array | None) -> jax.Array:

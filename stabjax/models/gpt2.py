@@ -58,7 +58,7 @@ def embedding_param(module: nn.Module, name: str, num: int, d: int,
 
 
 def apply_blocks(block_cls: type[nn.Module], config: ModelConfig, x: jax.Array,
-                 *args: Any) -> jax.Array:
+                 *args: Any, queries: jax.Array | None = None) -> jax.Array:
   """Runs `config.num_layers` blocks `block_cls(config)(x, *args) -> (x, None)`.
 
   Must be called inside a compact method. Unrolled, the blocks are named
@@ -67,7 +67,21 @@ def apply_blocks(block_cls: type[nn.Module], config: ModelConfig, x: jax.Array,
   'dmu_masks' and 'dtu_scores' collections) have a leading 'layers' axis of size L.
   `args` are broadcast to every layer; the last two must be the Python bools
   (deterministic, decode).
+
+  `queries` [B, K] (inference): only the outputs at these positions are wanted, so the
+  last unrolled block computes only those rows (`block_cls(...)(x, *args, queries=...)`)
+  and the result is [B, K, d]; scanned layers compute every row and take them after.
   """
+  if queries is not None:
+    take = lambda y: jnp.take_along_axis(y, queries[..., None], axis=1)  # noqa: E731
+    if config.scan_layers:
+      return take(apply_blocks(block_cls, config, x, *args))
+    for i in range(config.num_layers - 1):
+      x, _ = block_cls(config, name=f"block_{i}")(x, *args)
+    if config.num_layers == 0:
+      return take(x)
+    x, _ = block_cls(config, name=f"block_{config.num_layers - 1}")(x, *args, queries=queries)
+    return x
   cls = block_cls
   if config.remat:
     # Under scan, the loop already keeps XLA from CSE-ing the recomputation away.
