@@ -407,11 +407,6 @@ class _BertLayout(NamedTuple):
     attn = self.col < (self.length + num_attended)[:, None]
     return jnp.where(in_prompt, self.prompt, jnp.where(attn, gen_at, pad_id)), attn
 
-  def at_slots(self, x: jax.Array) -> jax.Array:
-    """x [B, P + N, ...] at the generated slots -> [B, N, ...]."""
-    idx = self.slot_col.reshape(self.slot_col.shape + (1,) * (x.ndim - 2))
-    return jnp.take_along_axis(x, idx, axis=1)
-
 
 def _bert_finish(model: nn.Module, params: Any, layout: _BertLayout, prompts: jax.Array,
                  gen: jax.Array, ents: jax.Array, config: SamplingConfig, eos_id: int,
@@ -429,8 +424,8 @@ def _bert_finish(model: nn.Module, params: Any, layout: _BertLayout, prompts: ja
   # two-sided context, the BERT analogue of GPT-2's state in its left context.
   ids, attn = layout.ids(gen, gen_mask.sum(axis=1), pad_id)
   _, hidden = model.apply({"params": params}, ids, attention_mask=attn, deterministic=True,
-                          return_hidden=True)
-  hidden = jnp.where(gen_mask[..., None], layout.at_slots(hidden), 0.0)
+                          return_hidden=True, head_positions=layout.slot_col)
+  hidden = jnp.where(gen_mask[..., None], hidden, 0.0)
   ents = jnp.where(gen_mask, ents, 0.0)
   chex.assert_shape(hidden, (b, n, model.config.d_model))
   return _finish(prompts, gen, gen_mask, ents, hidden, eos_id)
