@@ -17,7 +17,9 @@ import jax
 DEFAULT_DIR = "~/.cache/stabjax/jax_compilation_cache"
 # Cache only what took at least this long to compile: the train, eval and generation
 # steps, not the many tiny jitted helpers (whose files would cost more than they save).
+# JAX's own variable, where set, wins (0 caches every program).
 MIN_COMPILE_SECONDS = 0.5
+MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 
 
 def enable(directory: str | None) -> str | None:
@@ -27,7 +29,8 @@ def enable(directory: str | None) -> str | None:
     return None
   path = directory if "://" in directory else os.path.expanduser(directory)
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ.get(MIN_COMPILE_ENV, MIN_COMPILE_SECONDS)))
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   # An entry that cannot be written (a full disk), or one left truncated, only costs a
   # compile: the run goes on, and the launcher's one-line errors stay one line.
