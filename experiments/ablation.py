@@ -249,10 +249,8 @@ def main(argv):
   histories = {tuple(r.labels[k] for k in ("model", "seed", "alpha", "variant")): s["history"]
                for r, s in zip(runs, summaries)}
   command = " ".join(["python experiments/ablation.py"] + sys.argv[1:])
-  paths = write_outputs(FLAGS.workdir, records, histories, variants, seeds, alphas, elapsed,
-                        command)
-  print(open(paths[0]).read())
-  print("wrote " + ", ".join(paths))
+  common.write_report(write_outputs, FLAGS.workdir, records, histories, variants, seeds,
+                      alphas, elapsed, command)
   return 0
 
 

@@ -532,6 +532,18 @@ def alpha_label(a: float) -> str:
   return f"α={a:g}"
 
 
+def write_report(write, *args) -> None:
+  """A sweep's outputs: `write(*args)` writes them and returns their paths, the first a
+  markdown table, printed. Process 0 alone: in a multi-process sweep every process ran the
+  same runs, and the others would write the same files over it."""
+  from stabjax import run as run_lib
+  if not run_lib.is_primary():
+    return
+  paths = write(*args)
+  print(open(paths[0]).read())
+  print("wrote " + ", ".join(paths))
+
+
 def run_grid(base, models, seeds, alphas, workdir: str) -> tuple[list, list[dict], float]:
   """The models x seeds x alphas sweep of `base` in `workdir` (Table 1's grid): (runs,
   summaries, elapsed seconds)."""

@@ -246,9 +246,8 @@ def main(argv):
           | {"val_entropy": s["final"].get("val_entropy")})
   elapsed = time.perf_counter() - start
   command = " ".join(["python experiments/mechanism.py"] + sys.argv[1:])
-  paths = write_outputs(FLAGS.workdir, records, alphas, forms, seeds, elapsed, command)
-  print(open(paths[0]).read())
-  print("wrote " + ", ".join(paths))
+  common.write_report(write_outputs, FLAGS.workdir, records, alphas, forms, seeds, elapsed,
+                      command)
   return 0
 
 

@@ -133,9 +133,8 @@ def main(argv):
   records = [sweep.run_record({**r.labels, **extra, "params": params[r.labels["model"]]}, s)
              for r, s in zip(runs, summaries)]
   command = " ".join(["python experiments/scale.py"] + sys.argv[1:])
-  paths = write_outputs(FLAGS.workdir, records, models, alphas, params, elapsed, command)
-  print(open(paths[0]).read())
-  print("wrote " + ", ".join(paths))
+  common.write_report(write_outputs, FLAGS.workdir, records, models, alphas, params, elapsed,
+                      command)
   return 0
 
 

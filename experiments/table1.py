@@ -171,9 +171,8 @@ def main(argv):
   records = [sweep.run_record({**r.labels, **extra, "run_dir": os.path.relpath(s["workdir"])}, s)
              for r, s in zip(runs, summaries)]
   command = " ".join(["python experiments/table1.py"] + sys.argv[1:])
-  paths = write_outputs(FLAGS.workdir, records, models, seeds, alphas, elapsed, command)
-  print(open(paths[0]).read())
-  print("wrote " + ", ".join(paths))
+  common.write_report(write_outputs, FLAGS.workdir, records, models, seeds, alphas, elapsed,
+                      command)
   return 0
 
 

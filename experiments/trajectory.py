@@ -26,7 +26,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import common  # noqa: E402
-from stabjax import plots, sweep, tables  # noqa: E402
+from stabjax import plots, run, sweep, tables  # noqa: E402
 from stabjax.metrics.aggregate import split_slopes  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -84,6 +84,8 @@ def main(argv):
     common.fail(f"{', '.join(missing)} in {FLAGS.workdir} logged fewer than 2 points of "
                 f"{GEN_KEY} (trained before it was logged, or --eval_every too large); rerun "
                 "with a new --workdir", code=1)
+  if not run.is_primary():  # its outputs are process 0's, as common.write_report's are
+    return 0
   pred = {a: trajectory_points(s["history"], FLAGS.loss_key) for a, s in zip(alphas, summaries)}
   rows, stats = [], []
   for a, s in zip(alphas, summaries):

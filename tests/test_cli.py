@@ -293,6 +293,9 @@ def train(cfg, run_dir, dataset, show_progress=False):
 
 stabjax.data.load_dataset = load
 stabjax.run.train_and_evaluate = train
+if os.environ.get("FAKE_PROCESS_INDEX"):  # one of the other processes of a multi-process sweep
+  import jax
+  jax.process_index = lambda backend=None: int(os.environ["FAKE_PROCESS_INDEX"])
 import runpy
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
@@ -382,6 +385,20 @@ def test_trajectory_launcher_plots_generative_entropy_or_asks_for_a_rerun(tmp_pa
   lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
   assert len(lines) == 1 and "gen/generative_entropy" in lines[0] and "rerun" in lines[0]
   assert not (wd / "trajectory.md").exists()
+
+
+@pytest.mark.parametrize("name", ["table1", "trajectory"])
+def test_only_process_zero_writes_a_sweeps_tables(tmp_path, name):
+  """In a multi-process sweep every process runs every run; on the others
+  (jax.process_index() = 1 here) the launcher writes and prints no table or plot."""
+  grid = ("--models=gpt2_tiny", "--seeds=1", "--alphas=0,0.2", "--steps=10")
+  proc, wd = run_launcher(tmp_path, name, *grid, env={"FAKE_PROCESS_INDEX": "1"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert sorted(os.listdir(wd)) == ["gpt2_tiny_s1_a0", "gpt2_tiny_s1_a0.2"]
+  assert "wrote" not in proc.stdout
+  proc, wd = run_launcher(tmp_path / "zero", name, *grid, env={"FAKE_PROCESS_INDEX": "0"})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (wd / f"{name}.md").exists() and "wrote" in proc.stdout
 
 
 def test_scale_launcher_counts_parameters_and_the_alpha_effect(tmp_path):
