@@ -27,6 +27,8 @@ flags.DEFINE_integer("new_tokens", 256, "Generated tokens N per prompt.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per sampler (the median is reported).")
 flags.DEFINE_boolean("no_cache", True, "Also time the no-cache baseline.")
 flags.DEFINE_integer("seed", 0, "Init and sampling seed.")
+flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators; there the "
+                    "two samplers' tokens may differ by rounding).")
 FLAGS = flags.FLAGS
 
 
@@ -51,7 +53,7 @@ def main(argv):
   from stabjax.models import get_model, init_params
 
   p, n, b = FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.batch
-  base = configs.get_model_config(FLAGS.model)
+  base = configs.get_model_config(FLAGS.model, dtype=FLAGS.dtype)
   # Random init: the position table only needs to cover P + N.
   cfg = base.replace(max_len=max(base.max_len, p + n))
   model = get_model(cfg)
@@ -61,7 +63,8 @@ def main(argv):
   scfg = sampling.SamplingConfig(max_new_tokens=n, stop_at_eos=False)
   run = lambda f: lambda: f(model, params, prompts, None, key, scfg, eos_id=2, pad_id=0)
 
-  print(f"{cfg.name}: d={cfg.d_model} layers={cfg.num_layers} vocab={cfg.vocab_size}; "
+  print(f"{cfg.name} ({cfg.dtype}): d={cfg.d_model} layers={cfg.num_layers} "
+        f"vocab={cfg.vocab_size}; "
         f"batch {b}, prompt {p}, new tokens {n}; {jax.devices()[0].platform} "
         f"x{jax.device_count()}")
   first, cached = _time(run(sampling.generate), FLAGS.repeats)

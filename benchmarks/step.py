@@ -15,6 +15,8 @@ Configurations (cumulative where the name starts with '+'):
   +DTU (all on)    feedback + PSU linear + DMU dfix c~=0.5 + DTU keep=seq/4
   all on, exact    as above with PSU exact
   PSU linear only, DMU only, DTU only: one feature on a plain step, for attribution.
+  plain + cuDNN attention   cuDNN flash attention (GPU in bfloat16/float16 only; elsewhere
+                   skipped)
 
 Model FLOPs per token (the PaLM-style MFU formula, SPEC 7):
 
@@ -58,9 +60,13 @@ flags.DEFINE_bool("scan_layers", False, "Stack blocks with nn.scan (large models
 FLAGS = flags.FLAGS
 
 
-def _configurations(seq_len: int, gpu: bool = False):
-  """[(name, ModelConfig overrides, TrainConfig overrides, PSUConfig kwargs)]; on a GPU
-  also the plain model with cuDNN flash attention."""
+# Run only on a GPU in bfloat16/float16; elsewhere skipped with a note, so that one
+# --only list (benchmarks/accelerator.sh's) serves GPUs and TPUs alike.
+GPU_ONLY = ("plain + cuDNN attention",)
+
+
+def _configurations(seq_len: int):
+  """[(name, ModelConfig overrides, TrainConfig overrides, PSUConfig kwargs)]."""
   from stabjax import configs
   dmu = configs.DMUConfig(enabled=True, c_tilde=0.5, mode="dfix")
   dtu = configs.DTUConfig(enabled=True, keep=max(1, seq_len // 4))
@@ -80,8 +86,9 @@ def _configurations(seq_len: int, gpu: bool = False):
       ("all on + PSU exact", {"dmu": dmu, "dtu": dtu}, fb, exact),
       ("DMU only", {"dmu": dmu}, plain, off),
       ("DTU only", {"dtu": dtu}, plain, off),
-  ] + ([("plain + cuDNN attention", {"dtu": configs.DTUConfig(enabled=False, attention="cudnn")},
-         plain, off)] if gpu else [])
+      ("plain + cuDNN attention", {"dtu": configs.DTUConfig(enabled=False, attention="cudnn")},
+       plain, off),
+  ]
 
 
 def main(argv):
@@ -101,12 +108,17 @@ def main(argv):
   if t > base.max_len:
     raise app.UsageError(f"--seq_len={t} exceeds {base.name}'s max_len={base.max_len}")
   wanted = [s.strip() for s in FLAGS.only.split(",") if s.strip()]
-  every = _configurations(t, gpu=jax.default_backend() == "gpu" and FLAGS.dtype != "float32")
+  every = _configurations(t)
   unknown = [w for w in wanted if w not in [r[0] for r in every]]
   if unknown:
     raise app.UsageError(f"--only: no configuration {', '.join(map(repr, unknown))}; accepted: "
                          f"{', '.join(r[0] for r in every)}")
   rows = [r for r in every if not wanted or r[0] in wanted]
+  if jax.default_backend() != "gpu" or FLAGS.dtype == "float32":
+    skipped = [r[0] for r in rows if r[0] in GPU_ONLY]
+    rows = [r for r in rows if r[0] not in GPU_ONLY]
+    if skipped and wanted:
+      print(f"# skipped (a GPU with --dtype=bfloat16 or float16 only): {', '.join(skipped)}")
   if not rows or rows[0][0] != "plain":
     rows = [r for r in every if r[0] == "plain"] + rows
 
