@@ -62,8 +62,8 @@ class DTUConfig:
       the key, no gradient) or uniform.
     block_q: queries per block of the gathered computation (bounds its memory).
     attention: the kernel of full attention (the unit off, evaluation, keep >= T):
-      xla, or cudnn (cuDNN flash attention: GPU, bfloat16/float16, padding at the end
-      of a row only; not measured here, no GPU was lent). Sampled attention and KV-cache
+      xla, or cudnn (cuDNN flash attention: GPU, bfloat16/float16; a padding mask goes in
+      as a bias; not measured here, no GPU was lent). Sampled attention and KV-cache
       decoding always use XLA.
   """
 

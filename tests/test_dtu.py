@@ -177,6 +177,34 @@ def test_full_attention_equals_the_einsum_softmax_in_values_and_gradients(causal
                               atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_attention_gets_a_mask_that_holds_for_any_padding(causal, monkeypatch):
+  """impl='cudnn' on rows padded at the start, in the middle and at the end: its call of
+  dot_product_attention, run by XLA (no GPU here), equals the einsum softmax on every real
+  query (per-row key lengths would let left padding be attended)."""
+  mask = jnp.array([[False] * 3 + [True] * (T - 3), [True] * 4 + [False, False] + [True] * (T - 6)])
+  ks = jax.random.split(jax.random.key(13), 3)
+  q, k, v = (jax.random.normal(kk, (B, T, H, 8)) for kk in ks)
+  allowed = jnp.asarray(np_allowed(causal, mask))
+  xla = jax.nn.dot_product_attention
+  calls = []
+
+  def as_xla(*args, implementation=None, **kwargs):
+    calls.append(implementation)
+    return xla(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+  got = dtu_lib.full_attention(q, k, v, allowed, "cudnn", causal, mask)
+  assert calls == ["cudnn"]
+  real = np.asarray(mask)[:, :, None, None]
+  want = _einsum_attention(q, k, v, allowed)
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-5)
+  if causal:  # no padding: cuDNN's own causal mask
+    no_pad = jnp.asarray(np_allowed(True, jnp.ones((B, T), bool)))
+    np.testing.assert_allclose(dtu_lib.full_attention(q, k, v, no_pad, "cudnn", True, None),
+                               _einsum_attention(q, k, v, no_pad), atol=1e-5)
+
+
 def test_masked_attention_equals_the_einsum_softmax_in_values_and_gradients():
   """The DTU's dense path (dot_product_attention with the key sets as its mask) against
   the masked einsum softmax it replaced, on random sets that include empty rows (-> 0)."""

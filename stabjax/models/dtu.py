@@ -463,13 +463,14 @@ def full_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
 
   `jax.nn.dot_product_attention`, the one entry point where backends add fused kernels.
   impl 'xla': logits accumulated and the softmax taken in float32, under `allowed`.
-  impl 'cudnn': cuDNN flash attention, which takes the mask as `causal` and per-row key
-  lengths (`mask` [B, T], real tokens first: stabjax pads at the end) instead of `allowed`.
+  impl 'cudnn': cuDNN flash attention; its own causal mask where there is no padding
+  (`mask` None), else `allowed` as a bias. Not per-row key lengths: those would assume
+  the padding at the end of every row, and sampling left-pads its prompts.
   """
   if impl == "cudnn":
-    lengths = None if mask is None else jnp.sum(mask, axis=-1, dtype=jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                        key_value_seq_lengths=lengths, implementation="cudnn")
+    if mask is None:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation="cudnn")
   return jax.nn.dot_product_attention(q, k, v, mask=allowed)
 
 
